@@ -1,0 +1,76 @@
+// swift-tools-version: 6.1
+import PackageDescription
+
+let strict: [SwiftSetting] = [
+    .enableUpcomingFeature("ExistentialAny"),
+]
+
+let package = Package(
+    name: "Keel",
+    platforms: [.macOS(.v15)],
+    products: [
+        .library(name: "KeelCore", targets: ["KeelCore"]),
+        .library(name: "KeelStorage", targets: ["KeelStorage"]),
+        .executable(name: "keel", targets: ["keel"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-collections", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/x-sheep/swift-property-based", from: "2.0.1"),
+    ],
+    targets: [
+        // CRC32C (Castagnoli): the SSE4.2 instruction where the CPU has it, a table otherwise.
+        .target(name: "CKeelCRC32C"),
+        // The few POSIX calls Swift's Glibc module does not show (fallocate, flock constants).
+        .target(name: "CKeelSystemShims"),
+        .target(
+            name: "KeelCore",
+            dependencies: ["CKeelCRC32C"],
+            swiftSettings: strict
+        ),
+        .target(
+            name: "KeelStorage",
+            dependencies: [
+                "KeelCore",
+                "CKeelSystemShims",
+                .product(name: "Collections", package: "swift-collections"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict
+        ),
+        .executableTarget(
+            name: "keel",
+            dependencies: [
+                "KeelCore",
+                "KeelStorage",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Collections", package: "swift-collections"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict
+        ),
+        // A tiny program for the real-process crash test: appends numbered records with fsync
+        // `always`, printing each index once it is acknowledged, until it is SIGKILLed.
+        .executableTarget(
+            name: "keel-crash-writer",
+            dependencies: ["KeelCore", "KeelStorage"],
+            swiftSettings: strict
+        ),
+        .testTarget(
+            name: "KeelCoreTests",
+            dependencies: ["KeelCore"],
+            swiftSettings: strict
+        ),
+        .testTarget(
+            name: "KeelStorageTests",
+            dependencies: [
+                "KeelCore",
+                "KeelStorage",
+                .product(name: "Collections", package: "swift-collections"),
+                .product(name: "PropertyBased", package: "swift-property-based"),
+            ],
+            swiftSettings: strict
+        ),
+    ]
+)

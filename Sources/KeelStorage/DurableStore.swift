@@ -1,0 +1,282 @@
+// A state machine made durable: the single-node composition of the log, checkpoints and recovery.
+//
+// `execute` appends a command to the log; once the command is durable (fsync policy), the log's
+// writer thread applies it to the state machine in index order and the caller gets the result.
+// Write-ahead: nothing is applied or acknowledged before it is in the log (DESIGN.md contract 1).
+//
+// Checkpoints: when enough log bytes have accumulated since the last one (or on demand), the
+// state machine's O(1) immutable copy is taken at an exact index, under the same lock that
+// `apply` holds, and encoded on a thread of its own while appends go on. After it is published
+// the store keeps the newest two checkpoints and removes the log segments the *older* of the two
+// no longer needs (minus `retainedLogEntries`), so that falling back to the older checkpoint
+// never lacks an entry.
+
+import Foundation
+import KeelCore
+import Logging
+import Synchronization
+
+/// A deterministic state machine that the storage engine can make durable.
+public protocol DurableStateMachine: SendableMetatype {
+    /// What applying a command returns to its caller.
+    associatedtype Output: Sendable
+    /// The immutable copy that writes a checkpoint.
+    associatedtype Snapshot: CheckpointSource
+
+    /// The empty state.
+    init()
+
+    /// Restores a state from a checkpoint body written by ``Snapshot``.
+    init(checkpoint body: [UInt8], limits: Limits) throws(StorageError)
+
+    /// Applies one entry. Deterministic: no clock, no randomness, no hash-order iteration.
+    mutating func apply(_ entry: LogEntry) -> Output
+
+    /// An immutable copy of the current state.
+    ///
+    /// - Complexity: O(1) is expected (a persistent collection).
+    func snapshot() -> Snapshot
+}
+
+/// Settings of a ``DurableStore``.
+public struct StoreOptions: Sendable {
+    /// The log's settings.
+    public var log = LogOptions()
+    /// Take a checkpoint once this many bytes have been logged since the last one (0 turns it off).
+    public var checkpointLogBytes = 256 * 1024 * 1024
+    /// Log entries to keep before what compaction would otherwise remove (for lagging followers).
+    public var retainedLogEntries: UInt64 = 0
+    /// The term written into entries (a single node without Raft uses term 1).
+    public var term = Term(1)
+
+    public init() {}
+}
+
+/// A state machine, its log and its checkpoints in one data directory.
+public final class DurableStore<Machine: DurableStateMachine>: @unchecked Sendable {
+    // @unchecked Sendable: `state` is a Mutex; `log`, `directory` and `checkpoints` are Sendable;
+    // `checkpointsInFlight` is a DispatchGroup. The machine is touched only under `state`.
+
+    private struct State {
+        var machine: Machine
+        var appliedIndex: LogIndex
+        var appliedTerm: Term
+        var checkpointRunning = false
+        var bytesAtLastCheckpoint: UInt64 = 0
+        var lastCheckpoint: CheckpointMetadata?
+        var waiters: [@Sendable (Result<CheckpointMetadata, StorageError>) -> Void] = []
+        var lastCheckpointError: StorageError?
+        var closed = false
+    }
+
+    /// What recovery found and did.
+    public let recoveryReport: RecoveryReport
+    /// The data directory.
+    public let directory: DataDirectory
+    /// The log.
+    public let log: WriteAheadLog
+    let checkpoints: CheckpointStore
+    let options: StoreOptions
+    let logger: Logger
+    let wallClock: @Sendable () -> Int64
+    private let state: Locked<State>
+    private let checkpointsInFlight = DispatchGroup()
+
+    /// Opens (creating if needed) a store: locks the directory, recovers, starts the log writer.
+    ///
+    /// - Parameters:
+    ///   - path: the data directory.
+    ///   - options: log, checkpoint and retention settings.
+    ///   - fileSystem: the POSIX file system, or a simulated one in tests.
+    ///   - logger: receives the recovery report and checkpoint events.
+    ///   - wallClock: milliseconds since 1970, recorded in checkpoint headers for operators.
+    public init(
+        path: String,
+        options: StoreOptions = StoreOptions(),
+        fileSystem: any FileSystem = POSIXFileSystem(),
+        logger: Logger = Logger(label: "keel.storage"),
+        wallClock: @escaping @Sendable () -> Int64 = { Int64(Date().timeIntervalSince1970 * 1000) }
+    ) throws(StorageError) {
+        try options.log.validate()
+        let directory = try DataDirectory(path: path, fileSystem: fileSystem)
+        var machine = Machine()
+        var checkpoint: CheckpointMetadata?
+        var appliedTerm = Term.zero
+        let recovered: RecoveredLog
+        do {
+            recovered = try Recovery.run(directory: directory, options: options.log) { (metadata, body) throws(StorageError) in
+                machine = try Machine(checkpoint: body, limits: options.log.limits)
+                checkpoint = metadata
+                appliedTerm = metadata.term
+            } apply: { entry in
+                _ = machine.apply(entry)
+                appliedTerm = entry.term
+            }
+        } catch {
+            directory.unlock()
+            throw error
+        }
+        logger.info("\(recovered.report)")
+        do {
+            log = try WriteAheadLog(directory: directory.logPath, fileSystem: fileSystem, options: options.log,
+                                    scans: recovered.scans, nextIndex: recovered.nextIndex)
+        } catch {
+            directory.unlock()
+            throw error
+        }
+        self.directory = directory
+        self.recoveryReport = recovered.report
+        self.checkpoints = CheckpointStore(directory: directory.checkpointsPath, fileSystem: fileSystem, limits: options.log.limits)
+        self.options = options
+        self.logger = logger
+        self.wallClock = wallClock
+        self.state = Locked(State(machine: machine, appliedIndex: recovered.report.lastIndex, appliedTerm: appliedTerm,
+                                 lastCheckpoint: checkpoint))
+    }
+
+    /// The index of the last applied entry.
+    public var appliedIndex: LogIndex { state.withLock { $0.appliedIndex } }
+
+    /// The newest checkpoint this store wrote or loaded.
+    public var lastCheckpoint: CheckpointMetadata? { state.withLock { $0.lastCheckpoint } }
+
+    /// The last error of an automatic checkpoint, if the most recent one failed.
+    public var lastCheckpointError: StorageError? { state.withLock { $0.lastCheckpointError } }
+
+    /// Reads the state under the lock that `apply` holds.
+    public func read<T>(_ body: (borrowing Machine) -> T) -> T {
+        state.withLock { body($0.machine) }
+    }
+
+    /// Logs a command, applies it once it is durable, and returns the result.
+    ///
+    /// - Throws: `StorageError`: the log refused or failed the write; then the command was not applied.
+    public func execute(_ command: [UInt8]) async throws(StorageError) -> Machine.Output {
+        let result: Result<Machine.Output, StorageError> = await withCheckedContinuation { continuation in
+            execute(command) { continuation.resume(returning: $0) }
+        }
+        return try result.get()
+    }
+
+    /// Logs a command; `completion` runs on the log's writer thread with the result once it is applied.
+    public func execute(_ command: [UInt8], completion: @escaping @Sendable (Result<Machine.Output, StorageError>) -> Void) {
+        let term = options.term
+        do {
+            try log.append(term: term, payload: command) { [self] result in
+                switch result {
+                case .failure(let error):
+                    completion(.failure(error))
+                case .success(let index):
+                    let output = applyDurable(LogEntry(index: index, term: term, payload: command))
+                    completion(.success(output))
+                }
+            }
+        } catch {
+            completion(.failure(error))
+        }
+    }
+
+    /// Applies a durable entry (on the writer thread, in index order) and starts a checkpoint when due.
+    private func applyDurable(_ entry: LogEntry) -> Machine.Output {
+        let logged = log.bytesWritten
+        let (output, due) = state.withLock { state -> (Machine.Output, (Machine.Snapshot, CheckpointMetadata)?) in
+            precondition(entry.index == state.appliedIndex.next, "entries are applied in order, each once")
+            let output = state.machine.apply(entry)
+            state.appliedIndex = entry.index
+            state.appliedTerm = entry.term
+            guard options.checkpointLogBytes > 0, !state.checkpointRunning, !state.closed,
+                  logged - state.bytesAtLastCheckpoint >= UInt64(options.checkpointLogBytes) else { return (output, nil) }
+            return (output, beginCheckpoint(&state, logged: logged))
+        }
+        if let (snapshot, metadata) = due { runCheckpoint(snapshot, metadata) }
+        return output
+    }
+
+    private func beginCheckpoint(_ state: inout State, logged: UInt64) -> (Machine.Snapshot, CheckpointMetadata) {
+        state.checkpointRunning = true
+        state.bytesAtLastCheckpoint = logged
+        checkpointsInFlight.enter()
+        return (state.machine.snapshot(), CheckpointMetadata(index: state.appliedIndex, term: state.appliedTerm, wallTimeMilliseconds: wallClock()))
+    }
+
+    /// Takes a checkpoint of the state as it is now (after any running checkpoint finishes) and
+    /// returns once it is published and the log compacted.
+    public func checkpoint() async throws(StorageError) -> CheckpointMetadata {
+        let result: Result<CheckpointMetadata, StorageError> = await withCheckedContinuation { continuation in
+            let logged = log.bytesWritten
+            let start = state.withLock { state -> (Machine.Snapshot, CheckpointMetadata)? in
+                if state.closed {
+                    continuation.resume(returning: .failure(.closed))
+                    return nil
+                }
+                state.waiters.append { continuation.resume(returning: $0) }
+                return state.checkpointRunning ? nil : beginCheckpoint(&state, logged: logged)
+            }
+            if let (snapshot, metadata) = start { runCheckpoint(snapshot, metadata) }
+        }
+        return try result.get()
+    }
+
+    /// Encodes and publishes a checkpoint on its own thread, then compacts.
+    private func runCheckpoint(_ snapshot: Machine.Snapshot, _ metadata: CheckpointMetadata) {
+        let thread = Thread { [self] in
+            let outcome = publish(snapshot, metadata)
+            let next = state.withLock { state -> ([@Sendable (Result<CheckpointMetadata, StorageError>) -> Void], (Machine.Snapshot, CheckpointMetadata)?) in
+                let waiters = state.waiters
+                state.waiters = []
+                state.checkpointRunning = false
+                switch outcome {
+                case .success(let published):
+                    state.lastCheckpoint = published
+                    state.lastCheckpointError = nil
+                case .failure(let error):
+                    state.lastCheckpointError = error
+                }
+                // Waiters who arrived while this one ran want a checkpoint at least as new as their call.
+                let again = state.waiters.isEmpty || state.closed ? nil : beginCheckpoint(&state, logged: log.bytesWritten)
+                return (waiters, again)
+            }
+            for waiter in next.0 { waiter(outcome) }
+            if let (snapshot, metadata) = next.1 { runCheckpoint(snapshot, metadata) }
+            checkpointsInFlight.leave()
+        }
+        thread.name = "keel-checkpoint"
+        thread.start()
+    }
+
+    private func publish(_ snapshot: Machine.Snapshot, _ metadata: CheckpointMetadata) -> Result<CheckpointMetadata, StorageError> {
+        let started = ContinuousClock.now
+        do {
+            if let existing = try checkpoints.list().first, existing.index == metadata.index {
+                return .success(CheckpointMetadata(index: existing.index, term: existing.term, wallTimeMilliseconds: metadata.wallTimeMilliseconds))
+            }
+            let file = try checkpoints.write(snapshot, metadata: metadata)
+            let kept = try checkpoints.prune(keep: 2)
+            var removed: [String] = []
+            if kept.count == 2 {
+                let older = kept[1].index
+                let through = older.rawValue > options.retainedLogEntries ? LogIndex(older.rawValue - options.retainedLogEntries) : .zero
+                removed = try log.removeSegments(through: through)
+            }
+            logger.info("checkpoint \(file.name) published in \(ContinuousClock.now - started); removed \(removed.count) log segments")
+            return .success(metadata)
+        } catch {
+            logger.error("checkpoint at index \(metadata.index) failed: \(error)")
+            return .failure(error)
+        }
+    }
+
+    /// Drains the log (everything queued is written and synced), waits for a running checkpoint,
+    /// and releases the data directory.
+    public func close() {
+        let already = state.withLock { state -> Bool in
+            defer { state.closed = true }
+            return state.closed
+        }
+        guard !already else { return }
+        // No checkpoint can begin once `closed` is set, so this waits for the last one.
+        checkpointsInFlight.wait()
+        log.close()
+        directory.unlock()
+    }
+}

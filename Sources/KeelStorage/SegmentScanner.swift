@@ -1,0 +1,154 @@
+// Reading a segment back: every record checked, and the end of the data classified.
+//
+// The reader must tell a torn tail from corruption (LevelDB's log reader does the same):
+//
+// - A sealed segment (any but the newest) was synced and trimmed to its last record before the
+//   next one was created, so anything invalid in it is corruption.
+// - In the newest segment, the first bad record is a *torn tail* if no valid record follows it
+//   anywhere in the file: a write that was in flight at the crash and was never acknowledged. If
+//   a valid record does follow, the damage is *before the synced end*: corruption.
+// - A newest segment whose header does not validate was being created at the crash.
+
+import KeelCore
+
+/// How the data in a segment ends.
+public enum SegmentEnding: Sendable, Equatable {
+    /// After the last record there is nothing, or only zeros (preallocated space).
+    case clean
+    /// Bytes after the last record that are not a record, with nothing valid after them.
+    case tornTail(offset: Int, reason: String)
+    /// Invalid bytes followed by valid records, an index out of sequence, or damage in a sealed segment.
+    case corrupt(offset: Int, reason: String)
+    /// The header did not validate.
+    case badHeader(reason: String)
+}
+
+/// What reading one segment found.
+public struct SegmentScan: Sendable {
+    /// The file name, such as `00000000000000000001.seg`.
+    public var name: String
+    /// The first index, from the file name.
+    public var firstIndex: LogIndex
+    /// The index of the last valid record, or `firstIndex - 1` when there is none.
+    public var lastIndex: LogIndex
+    /// The term of the last valid record, if any.
+    public var lastTerm: Term?
+    /// The file's size in bytes.
+    public var fileSize: Int
+    /// The offset just past the last valid record (the header size when there is none).
+    public var dataEnd: Int
+    /// The offset of each valid record, in order.
+    public var offsets: [UInt32]
+    /// How the data ends.
+    public var ending: SegmentEnding
+
+    /// The number of valid records.
+    public var recordCount: Int { offsets.count }
+}
+
+/// Reads and checks segment files.
+public enum SegmentScanner {
+    /// Scans a whole segment held in memory.
+    ///
+    /// - Parameters:
+    ///   - bytes: the file's contents.
+    ///   - name: its file name (the first index comes from it and must match the header).
+    ///   - isNewest: whether this is the newest segment (where a torn tail is possible).
+    ///   - limits: `entrySizeMax` bounds each record.
+    ///   - visit: called with each valid entry, in order, before the ending is known.
+    /// - Complexity: O(n) in the file size.
+    public static func scan<Failure: Error>(
+        _ bytes: [UInt8],
+        name: String,
+        isNewest: Bool,
+        limits: Limits,
+        visit: (LogEntry) throws(Failure) -> Void = { _ in }
+    ) throws(Failure) -> SegmentScan {
+        let firstIndex = LogFormat.firstIndex(fromSegmentName: name) ?? .zero
+        var scan = SegmentScan(
+            name: name, firstIndex: firstIndex, lastIndex: LogIndex(firstIndex.rawValue &- 1), lastTerm: nil,
+            fileSize: bytes.count, dataEnd: min(bytes.count, LogFormat.segmentHeaderSize), offsets: [], ending: .clean)
+        switch LogFormat.decodeSegmentHeader(bytes[...]) {
+        case .failure(let problem):
+            scan.ending = .badHeader(reason: problem.description)
+            return scan
+        case .success(let declared):
+            if declared != firstIndex {
+                scan.ending = .badHeader(reason: "the header declares first index \(declared) but the file name says \(firstIndex)")
+                return scan
+            }
+        }
+        var failure: Failure?
+        bytes.withUnsafeBytes { raw in
+            var offset = LogFormat.segmentHeaderSize
+            var expected = firstIndex
+            while true {
+                switch LogFormat.readRecord(raw, at: offset, payloadSizeMax: limits.entrySizeMax) {
+                case .record(let type, let index, let term, let payload, let end):
+                    guard index == expected else {
+                        scan.ending = .corrupt(offset: offset, reason: "record has index \(index) where \(expected) was expected")
+                        return
+                    }
+                    switch type {
+                    case .entry:
+                        do throws(Failure) {
+                            try visit(LogEntry(index: index, term: term, payload: Array(raw[payload])))
+                        } catch {
+                            failure = error
+                            return
+                        }
+                    }
+                    scan.offsets.append(UInt32(offset))
+                    scan.lastIndex = index
+                    scan.lastTerm = term
+                    scan.dataEnd = end
+                    expected = index.next
+                    offset = end
+                case .endOfData:
+                    scan.ending = classifyTail(raw, from: offset, reason: "zeros followed by other bytes", isNewest: isNewest, limits: limits)
+                    return
+                case .invalid(let reason):
+                    scan.ending = classifyTail(raw, from: offset, reason: reason, isNewest: isNewest, limits: limits, invalidAtStart: true)
+                    return
+                }
+            }
+        }
+        if let failure { throw failure }
+        return scan
+    }
+
+    /// Decides what the bytes from `offset` on are, once no record starts there.
+    private static func classifyTail(
+        _ raw: UnsafeRawBufferPointer, from offset: Int, reason: String, isNewest: Bool, limits: Limits,
+        invalidAtStart: Bool = false
+    ) -> SegmentEnding {
+        let rest = UnsafeRawBufferPointer(rebasing: raw[min(offset, raw.count)...])
+        if !invalidAtStart && rest.allSatisfy({ $0 == 0 }) {
+            return .clean
+        }
+        if let later = firstValidRecord(raw, after: offset, limits: limits) {
+            return .corrupt(offset: offset, reason: "\(reason), and a valid record follows at offset \(later)")
+        }
+        if !isNewest {
+            return .corrupt(offset: offset, reason: "\(reason) in a sealed segment (it was synced before the next segment began)")
+        }
+        return .tornTail(offset: offset, reason: reason)
+    }
+
+    /// The offset of the first valid record strictly after `offset`, if any.
+    ///
+    /// - Complexity: O(n) in the bytes after `offset`; most offsets are rejected on the type byte.
+    static func firstValidRecord(_ raw: UnsafeRawBufferPointer, after offset: Int, limits: Limits) -> Int? {
+        var position = offset + 1
+        let typeOffset = 8
+        while position + LogFormat.recordHeaderSize <= raw.count {
+            if raw[position + typeOffset] == LogRecordType.entry.rawValue,
+               raw[position + typeOffset + 1] == 0,
+               case .record = LogFormat.readRecord(raw, at: position, payloadSizeMax: limits.entrySizeMax) {
+                return position
+            }
+            position += 1
+        }
+        return nil
+    }
+}
