@@ -62,7 +62,7 @@ public enum SegmentScanner {
         name: String,
         isNewest: Bool,
         limits: Limits,
-        visit: (LogEntry) throws(Failure) -> Void = { _ in }
+        visit: (LogEntry) throws(Failure) -> Void
     ) throws(Failure) -> SegmentScan {
         let firstIndex = LogFormat.firstIndex(fromSegmentName: name) ?? .zero
         var scan = SegmentScan(
@@ -115,6 +115,11 @@ public enum SegmentScanner {
         }
         if let failure { throw failure }
         return scan
+    }
+
+    /// Scans a whole segment held in memory, without visiting its entries.
+    public static func scan(_ bytes: [UInt8], name: String, isNewest: Bool, limits: Limits) -> SegmentScan {
+        scan(bytes, name: name, isNewest: isNewest, limits: limits) { (_: LogEntry) throws(Never) in }
     }
 
     /// Decides what the bytes from `offset` on are, once no record starts there.
