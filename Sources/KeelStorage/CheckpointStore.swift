@@ -70,7 +70,7 @@ public struct CheckpointStore: Sendable {
     public func write(_ source: some CheckpointSource, metadata: CheckpointMetadata) throws(StorageError) -> CheckpointFile {
         let name = CheckpointFormat.fileName(index: metadata.index, term: metadata.term)
         let temporary = joinPath(directory, String(name.dropLast(CheckpointFormat.fileExtension.count)) + CheckpointFormat.temporaryExtension)
-        let handle: FileHandle
+        let handle: OpenFile
         do { handle = try fileSystem.open(temporary, options: [.create, .truncate]) } catch { throw wrap(error) }
         do throws(StorageError) {
             do { try fileSystem.write(handle, CheckpointFormat.encodeHeader(metadata), at: 0) } catch { throw wrap(error) }

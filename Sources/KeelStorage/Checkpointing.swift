@@ -16,7 +16,7 @@ public protocol CheckpointSource: Sendable {
 /// Where a checkpoint body goes: buffered writes to the file, with a running CRC32C.
 public struct CheckpointSink {
     let fileSystem: any FileSystem
-    let handle: FileHandle
+    let handle: OpenFile
     let path: String
     var buffer: [UInt8] = []
     var offset: Int
@@ -24,7 +24,7 @@ public struct CheckpointSink {
     var bodySize: UInt64 = 0
     static let bufferSize = 1 << 20
 
-    init(fileSystem: any FileSystem, handle: FileHandle, path: String, offset: Int) {
+    init(fileSystem: any FileSystem, handle: OpenFile, path: String, offset: Int) {
         self.fileSystem = fileSystem
         self.handle = handle
         self.path = path

@@ -16,7 +16,7 @@ public final class DataDirectory: Sendable {
     /// `<path>/checkpoints`.
     public let checkpointsPath: String
     let fileSystem: any FileSystem
-    private let lockHandle: FileHandle?
+    private let lockHandle: OpenFile?
 
     /// The storage format version recorded in `meta`. Part of the format.
     public static let formatVersion = 1

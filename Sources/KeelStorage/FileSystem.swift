@@ -12,8 +12,8 @@
 // - A failed `synchronize` may have dropped the dirty data: it must never be retried as if the
 //   data were still there (the fsyncgate lesson).
 
-/// An open file. The number is a descriptor for the POSIX file system and a token for the simulated one.
-public struct FileHandle: Hashable, Sendable, CustomStringConvertible {
+/// An open file (a descriptor). The number is a descriptor for the POSIX file system and a token for the simulated one.
+public struct OpenFile: Hashable, Sendable, CustomStringConvertible {
     public let rawValue: Int32
 
     public init(rawValue: Int32) { self.rawValue = rawValue }
@@ -93,32 +93,32 @@ public struct FileSystemError: Error, Sendable, Equatable, CustomStringConvertib
 /// none of them traps on a failure of the system.
 public protocol FileSystem: Sendable {
     /// Opens (and with `.create`, creates) a file.
-    func open(_ path: String, options: OpenOptions) throws(FileSystemError) -> FileHandle
+    func open(_ path: String, options: OpenOptions) throws(FileSystemError) -> OpenFile
 
     /// Closes a file. Errors are ignored: by then the data is synced or deliberately abandoned.
-    func close(_ handle: FileHandle)
+    func close(_ handle: OpenFile)
 
     /// Writes all of `bytes` at `offset` (pwrite, repeated until done).
-    func write(_ handle: FileHandle, _ bytes: UnsafeRawBufferPointer, at offset: Int) throws(FileSystemError)
+    func write(_ handle: OpenFile, _ bytes: UnsafeRawBufferPointer, at offset: Int) throws(FileSystemError)
 
     /// Reads up to `buffer.count` bytes at `offset` (pread); returns how many were read (0 at the end).
-    func read(_ handle: FileHandle, into buffer: UnsafeMutableRawBufferPointer, at offset: Int) throws(FileSystemError) -> Int
+    func read(_ handle: OpenFile, into buffer: UnsafeMutableRawBufferPointer, at offset: Int) throws(FileSystemError) -> Int
 
     /// The file's size in bytes.
-    func size(of handle: FileHandle) throws(FileSystemError) -> Int
+    func size(of handle: OpenFile) throws(FileSystemError) -> Int
 
     /// Makes the file's data and size durable (fdatasync).
-    func synchronize(_ handle: FileHandle) throws(FileSystemError)
+    func synchronize(_ handle: OpenFile) throws(FileSystemError)
 
     /// Makes the names in a directory durable (fsync of the directory).
     func synchronizeDirectory(_ path: String) throws(FileSystemError)
 
     /// Sets the file's size (ftruncate).
-    func truncate(_ handle: FileHandle, to size: Int) throws(FileSystemError)
+    func truncate(_ handle: OpenFile, to size: Int) throws(FileSystemError)
 
     /// Reserves space so later writes below `offset + length` need no allocation (fallocate, mode 0:
     /// the file grows to at least `offset + length`, and the new bytes read as zeros).
-    func allocate(_ handle: FileHandle, offset: Int, length: Int) throws(FileSystemError)
+    func allocate(_ handle: OpenFile, offset: Int, length: Int) throws(FileSystemError)
 
     /// Renames a file, replacing `destination` if it exists (rename).
     func rename(_ source: String, to destination: String) throws(FileSystemError)
@@ -137,12 +137,12 @@ public protocol FileSystem: Sendable {
 
     /// Takes an exclusive advisory lock (flock) on `path`, creating it if needed. The lock is held
     /// until the returned handle is closed or the process exits. Throws `.locked` if another holds it.
-    func lockExclusively(_ path: String) throws(FileSystemError) -> FileHandle
+    func lockExclusively(_ path: String) throws(FileSystemError) -> OpenFile
 }
 
 extension FileSystem {
     /// Writes an array of bytes at `offset`.
-    public func write(_ handle: FileHandle, _ bytes: [UInt8], at offset: Int) throws(FileSystemError) {
+    public func write(_ handle: OpenFile, _ bytes: [UInt8], at offset: Int) throws(FileSystemError) {
         var failure: FileSystemError?
         bytes.withUnsafeBytes { raw in
             do throws(FileSystemError) { try write(handle, raw, at: offset) } catch { failure = error }
@@ -151,13 +151,13 @@ extension FileSystem {
     }
 
     /// Reads exactly the whole file into memory.
-    public func readAll(_ handle: FileHandle, path: String) throws(FileSystemError) -> [UInt8] {
+    public func readAll(_ handle: OpenFile, path: String) throws(FileSystemError) -> [UInt8] {
         let total = try size(of: handle)
         return try readRange(handle, offset: 0, count: total, path: path)
     }
 
     /// Reads `count` bytes at `offset`; fewer if the file ends first.
-    public func readRange(_ handle: FileHandle, offset: Int, count: Int, path: String) throws(FileSystemError) -> [UInt8] {
+    public func readRange(_ handle: OpenFile, offset: Int, count: Int, path: String) throws(FileSystemError) -> [UInt8] {
         var result = [UInt8](repeating: 0, count: count)
         var done = 0
         while done < count {

@@ -28,9 +28,9 @@ public struct POSIXFileSystem: FileSystem {
         return FileSystemError(kind: kind, errno: code, operation: operation, path: path)
     }
 
-    private func describe(_ handle: FileHandle) -> String { "fd \(handle.rawValue)" }
+    private func describe(_ handle: OpenFile) -> String { "fd \(handle.rawValue)" }
 
-    public func open(_ path: String, options: OpenOptions) throws(FileSystemError) -> FileHandle {
+    public func open(_ path: String, options: OpenOptions) throws(FileSystemError) -> OpenFile {
         var flags: Int32 = O_CLOEXEC
         flags |= options.contains(.readOnly) ? O_RDONLY : O_RDWR
         if options.contains(.create) { flags |= O_CREAT }
@@ -38,18 +38,18 @@ public struct POSIXFileSystem: FileSystem {
         if options.contains(.truncate) { flags |= O_TRUNC }
         while true {
             let fd = Glibc.open(path, flags, 0o644)
-            if fd >= 0 { return FileHandle(rawValue: fd) }
+            if fd >= 0 { return OpenFile(rawValue: fd) }
             let code = errno
             if code == EINTR { continue }
             throw failure("open", path, code)
         }
     }
 
-    public func close(_ handle: FileHandle) {
+    public func close(_ handle: OpenFile) {
         _ = Glibc.close(handle.rawValue)
     }
 
-    public func write(_ handle: FileHandle, _ bytes: UnsafeRawBufferPointer, at offset: Int) throws(FileSystemError) {
+    public func write(_ handle: OpenFile, _ bytes: UnsafeRawBufferPointer, at offset: Int) throws(FileSystemError) {
         var done = 0
         while done < bytes.count {
             let n = pwrite(handle.rawValue, bytes.baseAddress! + done, bytes.count - done, off_t(offset + done))
@@ -63,7 +63,7 @@ public struct POSIXFileSystem: FileSystem {
         }
     }
 
-    public func read(_ handle: FileHandle, into buffer: UnsafeMutableRawBufferPointer, at offset: Int) throws(FileSystemError) -> Int {
+    public func read(_ handle: OpenFile, into buffer: UnsafeMutableRawBufferPointer, at offset: Int) throws(FileSystemError) -> Int {
         guard buffer.count > 0 else { return 0 }
         while true {
             let n = pread(handle.rawValue, buffer.baseAddress!, buffer.count, off_t(offset))
@@ -74,13 +74,13 @@ public struct POSIXFileSystem: FileSystem {
         }
     }
 
-    public func size(of handle: FileHandle) throws(FileSystemError) -> Int {
+    public func size(of handle: OpenFile) throws(FileSystemError) -> Int {
         var info = stat()
         if fstat(handle.rawValue, &info) != 0 { throw failure("fstat", describe(handle), errno) }
         return Int(info.st_size)
     }
 
-    public func synchronize(_ handle: FileHandle) throws(FileSystemError) {
+    public func synchronize(_ handle: OpenFile) throws(FileSystemError) {
         #if canImport(Glibc)
         let result = fdatasync(handle.rawValue)
         #else
@@ -98,7 +98,7 @@ public struct POSIXFileSystem: FileSystem {
         if fsync(fd) != 0 { throw failure("fsync directory", path, errno) }
     }
 
-    public func truncate(_ handle: FileHandle, to size: Int) throws(FileSystemError) {
+    public func truncate(_ handle: OpenFile, to size: Int) throws(FileSystemError) {
         while ftruncate(handle.rawValue, off_t(size)) != 0 {
             let code = errno
             if code == EINTR { continue }
@@ -106,7 +106,7 @@ public struct POSIXFileSystem: FileSystem {
         }
     }
 
-    public func allocate(_ handle: FileHandle, offset: Int, length: Int) throws(FileSystemError) {
+    public func allocate(_ handle: OpenFile, offset: Int, length: Int) throws(FileSystemError) {
         let code = ckeel_fallocate(handle.rawValue, Int64(offset), Int64(length))
         if code != 0 { throw failure("fallocate", describe(handle), code) }
     }
@@ -150,7 +150,7 @@ public struct POSIXFileSystem: FileSystem {
         return stat(path, &info) == 0
     }
 
-    public func lockExclusively(_ path: String) throws(FileSystemError) -> FileHandle {
+    public func lockExclusively(_ path: String) throws(FileSystemError) -> OpenFile {
         let handle = try open(path, options: [.create])
         let code = ckeel_flock_exclusive(handle.rawValue)
         if code != 0 {

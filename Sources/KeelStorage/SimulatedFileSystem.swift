@@ -212,7 +212,7 @@ public final class SimulatedFileSystem: FileSystem {
         s.inodes.values.reduce(0) { $0 + max($1.current.count, $1.durable.count) }
     }
 
-    private static func handleInfo(_ s: State, _ handle: FileHandle, _ operation: String) throws(FileSystemError) -> (inode: Int, path: String) {
+    private static func handleInfo(_ s: State, _ handle: OpenFile, _ operation: String) throws(FileSystemError) -> (inode: Int, path: String) {
         guard let info = s.handles[handle.rawValue] else {
             throw error(.other, 9 /* EBADF */, operation, "fd \(handle.rawValue)")
         }
@@ -221,9 +221,9 @@ public final class SimulatedFileSystem: FileSystem {
 
     // MARK: - FileSystem
 
-    public func open(_ path: String, options: OpenOptions) throws(FileSystemError) -> FileHandle {
+    public func open(_ path: String, options: OpenOptions) throws(FileSystemError) -> OpenFile {
         let path = Self.normalize(path)
-        return try state.withLock { s throws(FileSystemError) -> FileHandle in
+        return try state.withLock { s throws(FileSystemError) -> OpenFile in
             if s.crashed { throw Self.crashedError("open", path) }
             var inode = s.names[path]
             if inode != nil, options.contains(.create), options.contains(.exclusive) {
@@ -246,18 +246,18 @@ public final class SimulatedFileSystem: FileSystem {
             let handle = s.nextHandle
             s.nextHandle += 1
             s.handles[handle] = (inode!, path)
-            return FileHandle(rawValue: handle)
+            return OpenFile(rawValue: handle)
         }
     }
 
-    public func close(_ handle: FileHandle) {
+    public func close(_ handle: OpenFile) {
         state.withLock { s in
             _ = s.handles.removeValue(forKey: handle.rawValue)
             for (path, holder) in s.locks where holder == handle.rawValue { s.locks[path] = nil }
         }
     }
 
-    public func write(_ handle: FileHandle, _ bytes: UnsafeRawBufferPointer, at offset: Int) throws(FileSystemError) {
+    public func write(_ handle: OpenFile, _ bytes: UnsafeRawBufferPointer, at offset: Int) throws(FileSystemError) {
         try state.withLock { s throws(FileSystemError) in
             if s.crashed { throw Self.crashedError("pwrite", "fd \(handle.rawValue)") }
             let info = try Self.handleInfo(s, handle, "pwrite")
@@ -274,7 +274,7 @@ public final class SimulatedFileSystem: FileSystem {
         }
     }
 
-    public func read(_ handle: FileHandle, into buffer: UnsafeMutableRawBufferPointer, at offset: Int) throws(FileSystemError) -> Int {
+    public func read(_ handle: OpenFile, into buffer: UnsafeMutableRawBufferPointer, at offset: Int) throws(FileSystemError) -> Int {
         try state.withLock { s throws(FileSystemError) -> Int in
             if s.crashed { throw Self.crashedError("pread", "fd \(handle.rawValue)") }
             let info = try Self.handleInfo(s, handle, "pread")
@@ -293,7 +293,7 @@ public final class SimulatedFileSystem: FileSystem {
         }
     }
 
-    public func size(of handle: FileHandle) throws(FileSystemError) -> Int {
+    public func size(of handle: OpenFile) throws(FileSystemError) -> Int {
         try state.withLock { s throws(FileSystemError) -> Int in
             if s.crashed { throw Self.crashedError("fstat", "fd \(handle.rawValue)") }
             let info = try Self.handleInfo(s, handle, "fstat")
@@ -301,7 +301,7 @@ public final class SimulatedFileSystem: FileSystem {
         }
     }
 
-    public func synchronize(_ handle: FileHandle) throws(FileSystemError) {
+    public func synchronize(_ handle: OpenFile) throws(FileSystemError) {
         try state.withLock { s throws(FileSystemError) in
             if s.crashed { throw Self.crashedError("fdatasync", "fd \(handle.rawValue)") }
             let info = try Self.handleInfo(s, handle, "fdatasync")
@@ -336,7 +336,7 @@ public final class SimulatedFileSystem: FileSystem {
         }
     }
 
-    public func truncate(_ handle: FileHandle, to size: Int) throws(FileSystemError) {
+    public func truncate(_ handle: OpenFile, to size: Int) throws(FileSystemError) {
         try state.withLock { s throws(FileSystemError) in
             if s.crashed { throw Self.crashedError("ftruncate", "fd \(handle.rawValue)") }
             let info = try Self.handleInfo(s, handle, "ftruncate")
@@ -350,7 +350,7 @@ public final class SimulatedFileSystem: FileSystem {
         }
     }
 
-    public func allocate(_ handle: FileHandle, offset: Int, length: Int) throws(FileSystemError) {
+    public func allocate(_ handle: OpenFile, offset: Int, length: Int) throws(FileSystemError) {
         try state.withLock { s throws(FileSystemError) in
             if s.crashed { throw Self.crashedError("fallocate", "fd \(handle.rawValue)") }
             let info = try Self.handleInfo(s, handle, "fallocate")
@@ -423,10 +423,10 @@ public final class SimulatedFileSystem: FileSystem {
         return state.withLock { s in s.names[path] != nil || s.directories.contains(path) }
     }
 
-    public func lockExclusively(_ path: String) throws(FileSystemError) -> FileHandle {
+    public func lockExclusively(_ path: String) throws(FileSystemError) -> OpenFile {
         let handle = try open(path, options: [.create])
         let path = Self.normalize(path)
-        return try state.withLock { s throws(FileSystemError) -> FileHandle in
+        return try state.withLock { s throws(FileSystemError) -> OpenFile in
             if s.locks[path] != nil {
                 s.handles[handle.rawValue] = nil
                 throw Self.error(.locked, 11, "flock", path)

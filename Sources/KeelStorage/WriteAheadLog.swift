@@ -74,7 +74,7 @@ public final class WriteAheadLog: @unchecked Sendable {
     /// A segment as readers and the writer see it.
     struct Segment {
         var name: String
-        var handle: FileHandle
+        var handle: OpenFile
         var firstIndex: LogIndex
         // Invariant: lastIndex == firstIndex - 1 + offsets.count
         var lastIndex: LogIndex
