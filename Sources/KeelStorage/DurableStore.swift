@@ -134,6 +134,23 @@ public final class DurableStore<Machine: DurableStateMachine>: @unchecked Sendab
                                  lastCheckpoint: checkpoint))
     }
 
+    /// Point-in-time recovery: the state after entry `index`, rebuilt from the newest valid
+    /// checkpoint at or below it and the log, without changing any file or taking the lock.
+    ///
+    /// - Throws: `.unrecoverable` if the checkpoints and log cannot reach exactly `index`.
+    public static func state(
+        at index: LogIndex, path: String, options: StoreOptions = StoreOptions(), fileSystem: any FileSystem = POSIXFileSystem()
+    ) throws(StorageError) -> Machine {
+        let directory = try DataDirectory(path: path, fileSystem: fileSystem, lock: false)
+        var machine = Machine()
+        _ = try Recovery.run(directory: directory, options: options.log, stopAt: index) { (_, body) throws(StorageError) in
+            machine = try Machine(checkpoint: body, limits: options.log.limits)
+        } apply: { entry in
+            _ = machine.apply(entry)
+        }
+        return machine
+    }
+
     /// The index of the last applied entry.
     public var appliedIndex: LogIndex { state.withLock { $0.appliedIndex } }
 

@@ -1,0 +1,299 @@
+import Foundation
+import KeelCore
+import Testing
+@testable import KeelStorage
+
+/// Named faults: one test per row of docs/recovery.md's decision table.
+@Suite("Recovery")
+struct RecoveryTests {
+    /// A store with `count` acknowledged sets, closed.
+    func populated(_ fs: SimulatedFileSystem, count: Int, options: StoreOptions = smallOptions()) async throws -> [Command] {
+        let store = try openStore(fs, options: options)
+        var commands: [Command] = []
+        for i in 0..<count {
+            let command = Command.set("s\(i % 13)", "value-\(i)")
+            _ = try await store.execute(command.encoded)
+            commands.append(command)
+        }
+        store.close()
+        return commands
+    }
+
+    func segmentPaths(_ fs: SimulatedFileSystem) throws -> [String] {
+        try fs.contentsOfDirectory("/data/log").filter { $0.hasSuffix(".seg") }.sorted().map { "/data/log/" + $0 }
+    }
+
+    @Test("a clean restart restores every entry and reports no torn tail")
+    func cleanRestart() async throws {
+        let fs = SimulatedFileSystem(seed: 1)
+        let commands = try await populated(fs, count: 120)
+        let store = try openStore(fs)
+        defer { store.close() }
+        #expect(contents(store) == model(of: commands))
+        #expect(store.recoveryReport.entriesReplayed == 120)
+        #expect(store.recoveryReport.tornTail == nil && store.recoveryReport.bytesTruncated == 0)
+    }
+
+    @Test("torn write at the tail: the partial record is cut off and reported, everything acknowledged stays")
+    func tornWriteAtTail() async throws {
+        let fs = SimulatedFileSystem(seed: 2)
+        let commands = try await populated(fs, count: 30)
+        let newest = try segmentPaths(fs).last!
+        let scan = SegmentScanner.scan(fs.contents(of: newest)!, name: String(newest.split(separator: "/").last!), isNewest: true, limits: Limits())
+        var partial: [UInt8] = []
+        LogFormat.appendRecord(type: .entry, index: scan.lastIndex.next, term: Term(1), payload: [UInt8](repeating: 5, count: 300), to: &partial)
+        fs.overwrite(path: newest, offset: scan.dataEnd, bytes: Array(partial.prefix(150)))
+
+        let store = try openStore(fs)
+        #expect(contents(store) == model(of: commands))
+        #expect(store.recoveryReport.tornTail?.offset == scan.dataEnd)
+        #expect(store.recoveryReport.bytesTruncated == 150)
+        _ = try await store.execute(Command.set("after", "tear").encoded)
+        store.close()
+        let inspection = try Inspector.inspect(path: "/data", fileSystem: fs)
+        #expect(inspection.isClean, "the cut is made on disk: \(inspection.problems)")
+    }
+
+    @Test("bit flip in the middle of the log: recovery refuses to start and names the file, the offset and the remedy")
+    func bitFlipInTheMiddle() async throws {
+        let fs = SimulatedFileSystem(seed: 3)
+        _ = try await populated(fs, count: 400)
+        let paths = try segmentPaths(fs)
+        #expect(paths.count >= 4)
+        let target = paths[paths.count / 2]
+        let offset = LogFormat.segmentHeaderSize + LogFormat.recordHeaderSize + 3
+        fs.corrupt(path: target, offset: offset)
+        do {
+            let store = try openStore(fs)
+            store.close()
+            Issue.record("recovery started on a corrupt log")
+        } catch {
+            guard case .corruption(let file, let at, let reason, let remedy) = error else {
+                Issue.record("expected .corruption, got \(error)")
+                return
+            }
+            #expect(file == target && at == LogFormat.segmentHeaderSize)
+            #expect(reason.contains("checksum mismatch"))
+            #expect(remedy.contains("keel verify /data") && remedy.contains("keel recover /data --truncate-after-corruption"))
+        }
+    }
+
+    @Test("bit flip in the last record: it is indistinguishable from a torn write, so it is cut and reported")
+    func bitFlipAtTheTail() async throws {
+        let fs = SimulatedFileSystem(seed: 4)
+        let commands = try await populated(fs, count: 20)
+        let newest = try segmentPaths(fs).last!
+        let scan = SegmentScanner.scan(fs.contents(of: newest)!, name: String(newest.split(separator: "/").last!), isNewest: true, limits: Limits())
+        fs.corrupt(path: newest, offset: scan.dataEnd - 2)
+        let store = try openStore(fs)
+        defer { store.close() }
+        #expect(store.recoveryReport.tornTail != nil)
+        #expect(store.appliedIndex == LogIndex(19))
+        #expect(contents(store) == model(of: commands.dropLast()))
+    }
+
+    @Test("a segment missing from the middle of the log is corruption")
+    func missingSegment() async throws {
+        let fs = SimulatedFileSystem(seed: 5)
+        _ = try await populated(fs, count: 400)
+        let paths = try segmentPaths(fs)
+        #expect(paths.count >= 4)
+        try fs.remove(paths[1])
+        #expect {
+            try openStore(fs)
+        } throws: { error in
+            guard let error = error as? StorageError, case .corruption(_, _, let reason, _) = error else { return false }
+            return reason.contains("a segment is missing")
+        }
+    }
+
+    @Test("a newest segment whose header never reached the disk is removed, and the log goes on")
+    func unfinishedSegment() async throws {
+        let fs = SimulatedFileSystem(seed: 6)
+        let commands = try await populated(fs, count: 40)
+        let last = try segmentPaths(fs).last!
+        let lastIndex = SegmentScanner.scan(fs.contents(of: last)!, name: String(last.split(separator: "/").last!), isNewest: true, limits: Limits()).lastIndex
+        let name = LogFormat.segmentName(firstIndex: lastIndex.next)
+        let handle = try fs.open("/data/log/" + name, options: [.create])
+        try fs.write(handle, [UInt8](repeating: 0, count: 10), at: 0)
+        fs.close(handle)
+        try fs.synchronizeDirectory("/data/log")
+
+        let store = try openStore(fs)
+        defer { store.close() }
+        #expect(store.recoveryReport.removedSegments == [name])
+        #expect(contents(store) == model(of: commands))
+        _ = try await store.execute(Command.set("next", "1").encoded)
+        #expect(store.appliedIndex == lastIndex.next)
+    }
+
+    @Test("corrupt newest checkpoint: recovery falls back to the older one and the log after it, losing nothing")
+    func corruptNewestCheckpoint() async throws {
+        let fs = SimulatedFileSystem(seed: 7)
+        let store = try openStore(fs)
+        var commands: [Command] = []
+        for round in 0..<3 {
+            for i in 0..<60 {
+                let command = Command.add("n\(i % 5)", Int64(round * 100 + i))
+                _ = try await store.execute(command.encoded)
+                commands.append(command)
+            }
+            _ = try await store.checkpoint()
+        }
+        store.close()
+        let checkpoints = try CheckpointStore(directory: "/data/checkpoints", fileSystem: fs).list()
+        #expect(checkpoints.count == 2)
+        fs.corrupt(path: "/data/checkpoints/" + checkpoints[0].name, offset: CheckpointFormat.headerSize + 5)
+
+        let reopened = try openStore(fs)
+        defer { reopened.close() }
+        #expect(reopened.recoveryReport.checkpoint?.index == checkpoints[1].index)
+        #expect(reopened.recoveryReport.rejectedCheckpoints.first?.reason == "body checksum mismatch")
+        #expect(contents(reopened) == model(of: commands))
+    }
+
+    @Test("a truncated checkpoint is rejected by its trailer")
+    func truncatedCheckpoint() async throws {
+        let fs = SimulatedFileSystem(seed: 8)
+        let store = try openStore(fs)
+        for i in 0..<10 { _ = try await store.execute(Command.set("s\(i)", "v").encoded) }
+        let metadata = try await store.checkpoint()
+        store.close()
+        let path = "/data/checkpoints/" + CheckpointFormat.fileName(index: metadata.index, term: metadata.term)
+        let handle = try fs.open(path, options: [])
+        try fs.truncate(handle, to: try fs.size(of: handle) - 3)
+        fs.close(handle)
+        let reopened = try openStore(fs)
+        defer { reopened.close() }
+        #expect(reopened.recoveryReport.checkpoint == nil)
+        #expect(reopened.recoveryReport.rejectedCheckpoints.first?.reason.contains("trailer") == true)
+        #expect(reopened.appliedIndex == LogIndex(10))
+    }
+
+    @Test("when every checkpoint is damaged and the log was compacted, recovery refuses with what is missing")
+    func allCheckpointsDamaged() async throws {
+        let fs = SimulatedFileSystem(seed: 9)
+        let store = try openStore(fs)
+        for round in 0..<3 {
+            for i in 0..<80 { _ = try await store.execute(Command.set("s\(i)", "\(round)").encoded) }
+            _ = try await store.checkpoint()
+        }
+        store.close()
+        for file in try CheckpointStore(directory: "/data/checkpoints", fileSystem: fs).list() {
+            fs.corrupt(path: "/data/checkpoints/" + file.name, offset: 20)
+        }
+        #expect {
+            try openStore(fs)
+        } throws: { error in
+            guard let error = error as? StorageError, case .unrecoverable(let reason, _) = error else { return false }
+            return reason.contains("no checkpoint could be loaded") && reason.contains("missing")
+        }
+    }
+
+    @Test("a temporary checkpoint left by a crash is removed at start")
+    func strayTemporaryCheckpoint() async throws {
+        let fs = SimulatedFileSystem(seed: 10)
+        _ = try await populated(fs, count: 5)
+        let handle = try fs.open("/data/checkpoints/00000000000000000003-00000000000000000001.ckpt.tmp", options: [.create])
+        try fs.write(handle, [1, 2, 3], at: 0)
+        fs.close(handle)
+        let store = try openStore(fs)
+        defer { store.close() }
+        #expect(try fs.contentsOfDirectory("/data/checkpoints").isEmpty)
+    }
+
+    @Test("checkpoints: the newest two are kept and segments the older one covers are removed")
+    func compaction() async throws {
+        let fs = SimulatedFileSystem(seed: 11)
+        let store = try openStore(fs)
+        defer { store.close() }
+        var checkpointIndexes: [LogIndex] = []
+        for round in 0..<4 {
+            for i in 0..<100 { _ = try await store.execute(Command.set("s\(i)", "\(round)").encoded) }
+            checkpointIndexes.append(try await store.checkpoint().index)
+        }
+        let kept = try CheckpointStore(directory: "/data/checkpoints", fileSystem: fs).list().map(\.index)
+        #expect(kept == [checkpointIndexes[3], checkpointIndexes[2]])
+        #expect(store.log.firstIndex <= checkpointIndexes[2].next, "the older checkpoint can still be continued")
+        #expect(store.log.firstIndex > LogIndex(100), "segments the older checkpoint covers are gone")
+    }
+
+    @Test("retained log entries keep extra segments before the compaction point")
+    func retention() async throws {
+        let fs = SimulatedFileSystem(seed: 12)
+        var options = smallOptions()
+        options.retainedLogEntries = 150
+        let store = try openStore(fs, options: options)
+        defer { store.close() }
+        var indexes: [LogIndex] = []
+        for _ in 0..<3 {
+            for i in 0..<100 { _ = try await store.execute(Command.set("s\(i)", "x").encoded) }
+            indexes.append(try await store.checkpoint().index)
+        }
+        #expect(store.log.firstIndex <= LogIndex(indexes[1].rawValue - 150 + 1))
+    }
+
+    @Test("a second store on the same data directory gets a clear error")
+    func directoryLock() async throws {
+        let fs = SimulatedFileSystem(seed: 13)
+        let store = try openStore(fs)
+        defer { store.close() }
+        #expect(throws: StorageError.directoryLocked(path: "/data")) { try openStore(fs) }
+    }
+
+    @Test("the lock is a real flock: a second open of a directory on disk fails while the first holds it")
+    func realDirectoryLock() throws {
+        let path = temporaryDirectory("lock")
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let store = try MapStore(path: path, options: smallOptions(), logger: quietLogger)
+        #expect(throws: StorageError.directoryLocked(path: path)) {
+            try MapStore(path: path, options: smallOptions(), logger: quietLogger)
+        }
+        store.close()
+        let again = try MapStore(path: path, options: smallOptions(), logger: quietLogger)
+        again.close()
+    }
+
+    @Test("point-in-time recovery: the state at a chosen index, from the newest checkpoint at or below it")
+    func pointInTime() async throws {
+        let fs = SimulatedFileSystem(seed: 14)
+        let store = try openStore(fs)
+        var commands: [Command] = []
+        for i in 0..<150 {
+            let command = Command.add("n\(i % 4)", Int64(i))
+            _ = try await store.execute(command.encoded)
+            commands.append(command)
+            if i == 60 || i == 110 { _ = try await store.checkpoint() }
+        }
+        store.close()
+        for target in [1, 30, 61, 90, 111, 150] {
+            let state = try MapStore.state(at: LogIndex(UInt64(target)), path: "/data", options: smallOptions(), fileSystem: fs)
+            var expected: [String: String] = [:]
+            for command in commands.prefix(target) { command.apply(to: &expected) }
+            let got = Dictionary(uniqueKeysWithValues: state.pairs.map { (String(decoding: $0.key, as: UTF8.self), "#\(MapStateMachine.decodeNumber($0.value)!)") })
+            #expect(got == expected, "index \(target)")
+        }
+        #expect(throws: StorageError.self) { try MapStore.state(at: LogIndex(151), path: "/data", options: smallOptions(), fileSystem: fs) }
+    }
+
+    @Test("with fsync `everysec`, a checkpoint newer than the surviving log is used and the log continues after it")
+    func checkpointNewerThanLog() async throws {
+        let fs = SimulatedFileSystem(seed: 15)
+        let store = try openStore(fs, options: smallOptions(segmentSize: 1 << 20, policy: .never))
+        var commands: [Command] = []
+        for i in 0..<20 {
+            let command = Command.set("s\(i)", "v")
+            _ = try await store.execute(command.encoded)
+            commands.append(command)
+        }
+        _ = try await store.checkpoint()
+        fs.crash() // the log's unsynced writes are lost, the checkpoint was synced
+        store.close()
+        fs.restart()
+        let reopened = try openStore(fs, options: smallOptions(segmentSize: 1 << 20, policy: .never))
+        defer { reopened.close() }
+        #expect(contents(reopened) == model(of: commands))
+        _ = try await reopened.execute(Command.set("later", "1").encoded)
+        #expect(reopened.appliedIndex == LogIndex(21))
+    }
+}
