@@ -1,6 +1,6 @@
 // The real-process crash test's writer: appends with fsync `always` until it is SIGKILLed.
 //
-//   keel-crash-writer write DIR [APPENDERS]   each appender t loops: set "t<t>-<n>", then add 1 to
+//   keel-crash-writer write DIR [APPENDERS]   each appender t continues from what DIR holds and loops: set "t<t>-<n>", then add 1 to
 //                                             "count-<t>"; after the add is acknowledged it prints
 //                                             "ack <t> <n>" (and flushes)
 //   keel-crash-writer check DIR               recovers DIR and prints "task <t> keys <k> count <c>"
@@ -51,8 +51,22 @@ case "write":
     let payload = [UInt8](repeating: 0x61, count: 100)
     await withTaskGroup(of: Void.self) { group in
         for task in 0..<appenders {
+            // Continue where the previous run stopped: after n pairs, keys 0..<n exist and the
+            // counter is n, or n-1 if the kill fell between a set and its add.
+            let start = store.read { machine in
+                var keys = 0
+                while machine[key(task, keys)] != nil { keys += 1 }
+                return keys
+            }
+            let counted = store.read { $0.number(counter(task)) } ?? 0
             group.addTask {
-                var n = 0
+                var n = start
+                if counted == Int64(n) - 1 {
+                    do { _ = try await store.execute(MapStateMachine.add(counter(task), 1)) } catch {
+                        FileHandle.standardError.write(Data("append failed: \(error)\n".utf8))
+                        exit(4)
+                    }
+                }
                 while true {
                     do {
                         _ = try await store.execute(MapStateMachine.set(key(task, n), payload))
