@@ -1,6 +1,314 @@
+// `keel bench`: the storage engine's benchmarks, each beside the machine's own limit measured in
+// the same run (fdatasync calls per second, sequential read bandwidth), so that the figures are
+// ratios and not lone numbers from a noisy machine.
+
 import ArgumentParser
+import Foundation
+import KeelCore
+import KeelStorage
+import Logging
 
 struct Bench: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Benchmarks of the storage engine.")
-    func run() async throws {}
+    static let configuration = CommandConfiguration(
+        abstract: "Benchmarks of the storage engine (build with -c release).",
+        subcommands: [AppendBench.self, RecoveryBench.self, CheckpointBench.self])
+}
+
+/// A state machine that only counts, so a benchmark measures the log and not a data structure.
+struct CountingMachine: DurableStateMachine {
+    struct Snapshot: CheckpointSource {
+        let count: UInt64
+        func writeCheckpoint(to sink: inout CheckpointSink) throws(StorageError) { try sink.write(count) }
+    }
+    var count: UInt64 = 0
+    init() {}
+    init(checkpoint body: [UInt8], limits: Limits) throws(StorageError) {
+        var reader = ByteReader(body)
+        do { count = try reader.readUInt64() } catch { throw .unrecoverable(reason: "\(error)", remedy: "") }
+    }
+    mutating func apply(_ entry: LogEntry) -> UInt64 {
+        count += 1
+        return count
+    }
+    func snapshot() -> Snapshot { Snapshot(count: count) }
+}
+
+let silent = Logger(label: "keel.bench") { _ in SwiftLogNoOpLogHandler() }
+
+func freshDirectory(_ base: String, _ name: String) -> String {
+    let path = base + "/" + name
+    try? FileManager.default.removeItem(atPath: path)
+    return path
+}
+
+func secondsIn(_ duration: Duration) -> Double {
+    Double(duration.components.seconds) + Double(duration.components.attoseconds) / 1e18
+}
+
+func percentile(_ sorted: [Double], _ p: Double) -> Double {
+    guard !sorted.isEmpty else { return 0 }
+    return sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))]
+}
+
+/// fdatasync calls per second on one thread after a 4 KiB write: the disk's own limit.
+func measureFdatasync(directory: String, seconds limit: Double) -> Double {
+    let path = directory + "/fdatasync-probe"
+    let fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0o644)
+    defer {
+        close(fd)
+        unlink(path)
+    }
+    let block = [UInt8](repeating: 0x5a, count: 4096)
+    var count = 0
+    let start = ContinuousClock.now
+    var offset = 0
+    while secondsIn(ContinuousClock.now - start) < limit {
+        _ = block.withUnsafeBytes { pwrite(fd, $0.baseAddress, 4096, off_t(offset)) }
+        fdatasync(fd)
+        offset += 4096
+        count += 1
+    }
+    return Double(count) / secondsIn(ContinuousClock.now - start)
+}
+
+/// Sequential read bandwidth in MB/s of the given files (1 MiB reads).
+func measureRead(_ paths: [String]) -> Double {
+    var buffer = [UInt8](repeating: 0, count: 1 << 20)
+    var total = 0
+    let start = ContinuousClock.now
+    for path in paths {
+        let fd = open(path, O_RDONLY)
+        while true {
+            let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, 1 << 20) }
+            if n <= 0 { break }
+            total += n
+        }
+        close(fd)
+    }
+    return Double(total) / 1e6 / secondsIn(ContinuousClock.now - start)
+}
+
+struct AppendBench: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "append",
+        abstract: "Appends per second and latency with 1, 8 and 64 appenders, fsync always, beside fdatasync/s.")
+
+    @Option(help: "A directory on the disk to measure.") var directory = "./keel-bench"
+    @Option(help: "Seconds per measurement.") var seconds: Double = 5
+    @Option(help: "Record payload bytes.") var size = 100
+    @Option(help: "Appender counts, comma-separated.") var appenders = "1,8,64"
+
+    func run() async throws {
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        let syncs = measureFdatasync(directory: directory, seconds: seconds)
+        print(String(format: "disk: %.0f fdatasync/s on one thread (4 KiB writes)", syncs))
+        print("appenders  appends/s  p50 ms  p99 ms  appends per fdatasync  vs disk fdatasync/s")
+        for count in appenders.split(separator: ",").compactMap({ Int($0) }) {
+            let path = freshDirectory(directory, "append-\(count)")
+            var options = StoreOptions()
+            options.checkpointLogBytes = 0
+            let store = try DurableStore<CountingMachine>(path: path, options: options, logger: silent)
+            let payload = [UInt8](repeating: 0x61, count: size)
+            let deadline = ContinuousClock.now + .milliseconds(Int(seconds * 1000))
+            let syncsBefore = store.log.syncCount
+            let started = ContinuousClock.now
+            let latencies = try await withThrowingTaskGroup(of: [Double].self) { group in
+                for _ in 0..<count {
+                    group.addTask {
+                        var samples: [Double] = []
+                        while ContinuousClock.now < deadline {
+                            let begin = ContinuousClock.now
+                            _ = try await store.execute(payload)
+                            samples.append(secondsIn(ContinuousClock.now - begin) * 1000)
+                        }
+                        return samples
+                    }
+                }
+                var all: [Double] = []
+                for try await samples in group { all += samples }
+                return all.sorted()
+            }
+            let elapsed = secondsIn(ContinuousClock.now - started)
+            let syncsUsed = store.log.syncCount - syncsBefore
+            store.close()
+            try? FileManager.default.removeItem(atPath: path)
+            let rate = Double(latencies.count) / elapsed
+            print(String(format: "%9d  %9.0f  %6.2f  %6.2f  %21.1f  %18.2fx", count, rate, percentile(latencies, 0.5), percentile(latencies, 0.99),
+                         Double(latencies.count) / Double(max(1, syncsUsed)), rate / syncs))
+        }
+    }
+}
+
+
+struct RecoveryBench: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "recovery",
+        abstract: "Replay MB/s of a large log and checkpoint load time for many keys, beside sequential read bandwidth.")
+
+    @Option(help: "A directory on the disk to measure.") var directory = "./keel-bench"
+    @Option(help: "Log size to write and replay, in MiB.") var logMegabytes = 1024
+    @Option(help: "Keys in the checkpoint.") var keys = 1_000_000
+    @Option(help: "Value bytes per key.") var valueSize = 100
+
+    func run() async throws {
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        // 1. A log of the requested size, written without fsync (the write is not what is measured).
+        let logPath = freshDirectory(directory, "recovery-log")
+        var options = StoreOptions()
+        options.checkpointLogBytes = 0
+        options.log.fsyncPolicy = .never
+        do {
+            let store = try DurableStore<CountingMachine>(path: logPath, options: options, logger: silent)
+            let payload = [UInt8](repeating: 0x62, count: 100)
+            let target = UInt64(logMegabytes) << 20
+            while store.log.bytesWritten < target {
+                try await withThrowingTaskGroup(of: Void.self) { group in
+                    for _ in 0..<256 { group.addTask { _ = try await store.execute(payload) } }
+                    try await group.waitForAll()
+                }
+            }
+            store.close()
+        }
+        let segments = try FileManager.default.contentsOfDirectory(atPath: logPath + "/log").sorted().map { logPath + "/log/" + $0 }
+        let logBytes = segments.reduce(0) { $0 + ((try? FileManager.default.attributesOfItem(atPath: $1)[.size] as? Int) ?? 0) }
+        let readBandwidth = measureRead(segments)
+        let started = ContinuousClock.now
+        let store = try DurableStore<CountingMachine>(path: logPath, options: options, logger: silent)
+        let replay = secondsIn(ContinuousClock.now - started)
+        let replayed = store.recoveryReport.entriesReplayed
+        store.close()
+        let replayRate = Double(logBytes) / 1e6 / replay
+        print(String(format: "log: %d entries, %.0f MB in %d segments", replayed, Double(logBytes) / 1e6, segments.count))
+        print(String(format: "sequential read (page cache warm, as for the replay): %.0f MB/s", readBandwidth))
+        print(String(format: "replay: %.2f s, %.0f MB/s, %.0f entries/s; %.2fx the read bandwidth", replay, replayRate, Double(replayed) / replay, replayRate / readBandwidth))
+        try? FileManager.default.removeItem(atPath: logPath)
+
+        // 2. A checkpoint of `keys` keys with values of `valueSize` bytes.
+        let checkpointPath = freshDirectory(directory, "recovery-checkpoint")
+        do {
+            let store = try DurableStore<MapStateMachine>(path: checkpointPath, options: options, logger: silent)
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                var next = 0
+                func add(_ group: inout ThrowingTaskGroup<Void, any Error>, _ i: Int) {
+                    let key = Array("key:\(i)".utf8)
+                    let value = [UInt8](repeating: UInt8(truncatingIfNeeded: i), count: valueSize)
+                    group.addTask { _ = try await store.execute(MapStateMachine.set(key, value)) }
+                }
+                while next < min(keys, 512) { add(&group, next); next += 1 }
+                while try await group.next() != nil {
+                    if next < keys { add(&group, next); next += 1 }
+                }
+            }
+            _ = try await store.checkpoint()
+            store.close()
+        }
+        // Drop the log so the load is the checkpoint alone.
+        let checkpointFiles = try FileManager.default.contentsOfDirectory(atPath: checkpointPath + "/checkpoints").map { checkpointPath + "/checkpoints/" + $0 }
+        for name in try FileManager.default.contentsOfDirectory(atPath: checkpointPath + "/log") {
+            try FileManager.default.removeItem(atPath: checkpointPath + "/log/" + name)
+        }
+        let checkpointBytes = checkpointFiles.reduce(0) { $0 + ((try? FileManager.default.attributesOfItem(atPath: $1)[.size] as? Int) ?? 0) }
+        let checkpointRead = measureRead(checkpointFiles)
+        let loadStart = ContinuousClock.now
+        let loaded = try DurableStore<MapStateMachine>(path: checkpointPath, options: options, logger: silent)
+        let load = secondsIn(ContinuousClock.now - loadStart)
+        let count = loaded.read { $0.pairs.count }
+        loaded.close()
+        print(String(format: "checkpoint: %d keys, %.0f MB; load %.2f s (%.0f MB/s); reading the file alone %.0f MB/s (%.3f s)", count, Double(checkpointBytes) / 1e6,
+                     load, Double(checkpointBytes) / 1e6 / load, checkpointRead, Double(checkpointBytes) / 1e6 / checkpointRead))
+        try? FileManager.default.removeItem(atPath: checkpointPath)
+    }
+}
+
+struct CheckpointBench: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "checkpoint",
+        abstract: "Duration of a checkpoint of many keys, and p99 append latency while it runs against without it.")
+
+    @Option(help: "A directory on the disk to measure.") var directory = "./keel-bench"
+    @Option(help: "Keys in the state.") var keys = 1_000_000
+    @Option(help: "Value bytes per key.") var valueSize = 100
+    @Option(help: "Concurrent appenders during the measurement.") var appenders = 8
+
+    func run() async throws {
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        let path = freshDirectory(directory, "checkpoint")
+        var options = StoreOptions()
+        options.checkpointLogBytes = 0
+        options.log.fsyncPolicy = .never
+        do {
+            let store = try DurableStore<MapStateMachine>(path: path, options: options, logger: silent)
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                var next = 0
+                func add(_ group: inout ThrowingTaskGroup<Void, any Error>, _ i: Int) {
+                    let key = Array("key:\(i)".utf8)
+                    let value = [UInt8](repeating: UInt8(truncatingIfNeeded: i), count: valueSize)
+                    group.addTask { _ = try await store.execute(MapStateMachine.set(key, value)) }
+                }
+                while next < min(keys, 512) { add(&group, next); next += 1 }
+                while try await group.next() != nil {
+                    if next < keys { add(&group, next); next += 1 }
+                }
+            }
+            store.close()
+        }
+        options.log.fsyncPolicy = .always
+        let store = try DurableStore<MapStateMachine>(path: path, options: options, logger: silent)
+        defer { store.close() }
+
+        /// Appends from `appenders` tasks until `work` returns; returns the sorted latencies in ms.
+        func appendWindow(while work: @escaping @Sendable () async throws -> Void) async throws -> [Double] {
+            let stop = StopSignal()
+            return try await withThrowingTaskGroup(of: [Double].self) { group in
+                for task in 0..<appenders {
+                    group.addTask {
+                        var samples: [Double] = []
+                        var n = 0
+                        while !stop.isSet {
+                            let begin = ContinuousClock.now
+                            _ = try await store.execute(MapStateMachine.set(Array("bench:\(task):\(n % 1000)".utf8), [UInt8](repeating: 1, count: 100)))
+                            samples.append(secondsIn(ContinuousClock.now - begin) * 1000)
+                            n += 1
+                        }
+                        return samples
+                    }
+                }
+                try await work()
+                stop.set()
+                var all: [Double] = []
+                for try await samples in group { all += samples }
+                return all.sorted()
+            }
+        }
+
+        let quiet = try await appendWindow { try await Task.sleep(for: .seconds(3)) }
+        let timing = Timing()
+        let busy = try await appendWindow {
+            let begin = ContinuousClock.now
+            _ = try await store.checkpoint()
+            timing.record(secondsIn(ContinuousClock.now - begin))
+        }
+        print(String(format: "checkpoint of %d keys (%d-byte values): %.2f s, taken while %d appenders ran", keys, valueSize, timing.value, appenders))
+        print(String(format: "append latency without a checkpoint: p50 %.2f ms, p99 %.2f ms (%d appends)", percentile(quiet, 0.5), percentile(quiet, 0.99), quiet.count))
+        print(String(format: "append latency during the checkpoint: p50 %.2f ms, p99 %.2f ms (%d appends); p99 ratio %.2fx",
+                     percentile(busy, 0.5), percentile(busy, 0.99), busy.count, percentile(busy, 0.99) / max(0.0001, percentile(quiet, 0.99))))
+        try? FileManager.default.removeItem(atPath: path)
+    }
+}
+
+/// Tells the benchmark's appenders to stop.
+final class StopSignal: @unchecked Sendable {
+    // @unchecked Sendable: `value` is only touched under `lock`.
+    private let lock = NSLock()
+    private var value = false
+    var isSet: Bool { lock.withLock { value } }
+    func set() { lock.withLock { value = true } }
+}
+
+final class Timing: @unchecked Sendable {
+    // @unchecked Sendable: `seconds` is only touched under `lock`.
+    private let lock = NSLock()
+    private var seconds = 0.0
+    func record(_ value: Double) { lock.withLock { seconds = value } }
+    var value: Double { lock.withLock { seconds } }
 }
