@@ -74,6 +74,15 @@ func measureFdatasync(directory: String, seconds limit: Double) -> Double {
     return Double(count) / secondsIn(ContinuousClock.now - start)
 }
 
+/// Empties the page cache (needs root); returns whether it could.
+func dropPageCache() -> Bool {
+    sync()
+    let fd = open("/proc/sys/vm/drop_caches", O_WRONLY)
+    guard fd >= 0 else { return false }
+    defer { close(fd) }
+    return write(fd, "3\n", 2) == 2
+}
+
 /// Sequential read bandwidth in MB/s of the given files (1 MiB reads).
 func measureRead(_ paths: [String]) -> Double {
     var buffer = [UInt8](repeating: 0, count: 1 << 20)
@@ -174,16 +183,27 @@ struct RecoveryBench: AsyncParsableCommand {
         }
         let segments = try FileManager.default.contentsOfDirectory(atPath: logPath + "/log").sorted().map { logPath + "/log/" + $0 }
         let logBytes = segments.reduce(0) { $0 + ((try? FileManager.default.attributesOfItem(atPath: $1)[.size] as? Int) ?? 0) }
-        let readBandwidth = measureRead(segments)
-        let started = ContinuousClock.now
-        let store = try DurableStore<CountingMachine>(path: logPath, options: options, logger: silent)
-        let replay = secondsIn(ContinuousClock.now - started)
-        let replayed = store.recoveryReport.entriesReplayed
-        store.close()
-        let replayRate = Double(logBytes) / 1e6 / replay
-        print(String(format: "log: %d entries, %.0f MB in %d segments", replayed, Double(logBytes) / 1e6, segments.count))
-        print(String(format: "sequential read (page cache warm, as for the replay): %.0f MB/s", readBandwidth))
-        print(String(format: "replay: %.2f s, %.0f MB/s, %.0f entries/s; %.2fx the read bandwidth", replay, replayRate, Double(replayed) / replay, replayRate / readBandwidth))
+        func replayOnce() throws -> (seconds: Double, entries: Int) {
+            let started = ContinuousClock.now
+            let store = try DurableStore<CountingMachine>(path: logPath, options: options, logger: silent)
+            let elapsed = secondsIn(ContinuousClock.now - started)
+            let replayed = store.recoveryReport.entriesReplayed
+            store.close()
+            return (elapsed, replayed)
+        }
+        print(String(format: "log: %.0f MB in %d segments", Double(logBytes) / 1e6, segments.count))
+        for cold in [true, false] {
+            if cold && !dropPageCache() {
+                print("cold: cannot drop the page cache (needs root); skipped")
+                continue
+            }
+            let readBandwidth = measureRead(segments)
+            if cold { _ = dropPageCache() }
+            let (replay, replayed) = try replayOnce()
+            let replayRate = Double(logBytes) / 1e6 / replay
+            print((cold ? "cold" : "warm") + String(format: " cache: sequential read %.0f MB/s; replay %.2f s, %.0f MB/s, %.0f entries/s: %.2fx the read bandwidth",
+                         readBandwidth, replay, replayRate, Double(replayed) / replay, replayRate / readBandwidth))
+        }
         try? FileManager.default.removeItem(atPath: logPath)
 
         // 2. A checkpoint of `keys` keys with values of `valueSize` bytes.
@@ -211,14 +231,16 @@ struct RecoveryBench: AsyncParsableCommand {
             try FileManager.default.removeItem(atPath: checkpointPath + "/log/" + name)
         }
         let checkpointBytes = checkpointFiles.reduce(0) { $0 + ((try? FileManager.default.attributesOfItem(atPath: $1)[.size] as? Int) ?? 0) }
+        let cold = dropPageCache()
         let checkpointRead = measureRead(checkpointFiles)
+        if cold { _ = dropPageCache() }
         let loadStart = ContinuousClock.now
         let loaded = try DurableStore<MapStateMachine>(path: checkpointPath, options: options, logger: silent)
         let load = secondsIn(ContinuousClock.now - loadStart)
         let count = loaded.read { $0.pairs.count }
         loaded.close()
-        print(String(format: "checkpoint: %d keys, %.0f MB; load %.2f s (%.0f MB/s); reading the file alone %.0f MB/s (%.3f s)", count, Double(checkpointBytes) / 1e6,
-                     load, Double(checkpointBytes) / 1e6 / load, checkpointRead, Double(checkpointBytes) / 1e6 / checkpointRead))
+        print("checkpoint (\(cold ? "cold" : "warm") cache): " + String(format: "%d keys, %.0f MB; load %.2f s (%.0f MB/s); reading the file alone %.0f MB/s (%.3f s)",
+                     count, Double(checkpointBytes) / 1e6, load, Double(checkpointBytes) / 1e6 / load, checkpointRead, Double(checkpointBytes) / 1e6 / checkpointRead))
         try? FileManager.default.removeItem(atPath: checkpointPath)
     }
 }
