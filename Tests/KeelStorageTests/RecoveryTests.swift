@@ -297,3 +297,108 @@ struct RecoveryTests {
         #expect(reopened.appliedIndex == LogIndex(21))
     }
 }
+
+@Suite("Store behaviour")
+struct StoreTests {
+    @Test("bit flips on read are detected, never served: in a segment recovery refuses, in a checkpoint it falls back")
+    func bitFlipsOnRead() async throws {
+        let fs = SimulatedFileSystem(seed: 21)
+        let store = try openStore(fs)
+        var commands: [Command] = []
+        for round in 0..<3 {
+            for i in 0..<100 {
+                let command = Command.set("s\(i % 9)", "\(round)-\(i)")
+                _ = try await store.execute(command.encoded)
+                commands.append(command)
+            }
+            _ = try await store.checkpoint()
+        }
+        store.close()
+        let newest = try CheckpointStore(directory: "/data/checkpoints", fileSystem: fs).list()[0]
+        fs.flipBitOnRead(path: "/data/checkpoints/" + newest.name, offset: CheckpointFormat.headerSize + 40)
+        let reopened = try openStore(fs)
+        #expect(reopened.recoveryReport.rejectedCheckpoints.count == 1)
+        #expect(contents(reopened) == model(of: commands))
+        let segments = try fs.contentsOfDirectory("/data/log").sorted()
+        reopened.close()
+        fs.flipBitOnRead(path: "/data/log/" + segments[0], offset: LogFormat.segmentHeaderSize + 30)
+        #expect(throws: StorageError.self) { try openStore(fs) }
+    }
+
+    @Test("fsync `everysec` acknowledges before syncing and syncs within the interval")
+    func everysec() async throws {
+        let simulated = SimulatedFileSystem(seed: 22)
+        let fs = GatedFileSystem(simulated)
+        var options = smallOptions(segmentSize: 1 << 20, policy: .everysec)
+        options.log.everysecIntervalMilliseconds = 20
+        let store = try openStore(fs, options: options)
+        defer { store.close() }
+        let syncsBefore = store.log.syncCount
+        fs.armGate() // the periodic sync will wait here until released
+        _ = try await store.execute(Command.set("s1", "a").encoded)
+        _ = try await store.execute(Command.set("s2", "b").encoded)
+        #expect(store.appliedIndex == LogIndex(2), "acknowledged without a sync")
+        fs.entered.wait() // the interval passed and the writer began the periodic sync
+        #expect(store.log.syncCount == syncsBefore)
+        fs.release.signal()
+        _ = try await store.execute(Command.set("s3", "c").encoded)
+        var polls = 0
+        while store.log.syncCount == syncsBefore && polls < 10_000 {
+            try await Task.sleep(for: .milliseconds(1))
+            polls += 1
+        }
+        #expect(store.log.syncCount > syncsBefore)
+    }
+
+    @Test("a checkpoint starts by itself once enough log bytes have accumulated")
+    func automaticCheckpoint() async throws {
+        let fs = SimulatedFileSystem(seed: 23)
+        var options = smallOptions()
+        options.checkpointLogBytes = 3000
+        let store = try openStore(fs, options: options)
+        defer { store.close() }
+        for i in 0..<100 { _ = try await store.execute(Command.set("s\(i % 5)", "\(i)").encoded) }
+        var polls = 0
+        while store.lastCheckpoint == nil && polls < 10_000 {
+            try await Task.sleep(for: .milliseconds(1))
+            polls += 1
+        }
+        let checkpoint = try #require(store.lastCheckpoint)
+        #expect(checkpoint.index > LogIndex(0) && checkpoint.index <= LogIndex(100))
+        #expect(try CheckpointStore(directory: "/data/checkpoints", fileSystem: fs).list().first?.index == checkpoint.index)
+    }
+
+    @Test("a write refused for lack of space is not applied, and is absent after a restart")
+    func noSpaceIsNotApplied() async throws {
+        let fs = SimulatedFileSystem(seed: 24)
+        let store = try openStore(fs, options: smallOptions(segmentSize: 4096))
+        var commands: [Command] = []
+        for i in 0..<20 {
+            let command = Command.set("s\(i)", String(repeating: "v", count: 100))
+            _ = try await store.execute(command.encoded)
+            commands.append(command)
+        }
+        fs.setCapacity(0)
+        var refused = 0
+        for i in 0..<40 {
+            do {
+                let command = Command.set("full\(i)", String(repeating: "w", count: 100))
+                _ = try await store.execute(command.encoded)
+                commands.append(command)
+            } catch {
+                guard case .noSpace = error else {
+                    Issue.record("expected .noSpace, got \(error)")
+                    break
+                }
+                refused += 1
+            }
+        }
+        #expect(refused > 0)
+        #expect(contents(store) == model(of: commands), "only acknowledged writes are applied")
+        fs.setCapacity(nil)
+        store.close()
+        let reopened = try openStore(fs, options: smallOptions(segmentSize: 4096))
+        defer { reopened.close() }
+        #expect(contents(reopened) == model(of: commands))
+    }
+}
