@@ -156,6 +156,13 @@ extension FileSystem {
         return try readRange(handle, offset: 0, count: total, path: path)
     }
 
+    /// Opens, reads whole and closes the file at `path`.
+    public func readFile(_ path: String) throws(FileSystemError) -> [UInt8] {
+        let handle = try open(path, options: [.readOnly])
+        defer { close(handle) }
+        return try readAll(handle, path: path)
+    }
+
     /// Reads `count` bytes at `offset`; fewer if the file ends first.
     public func readRange(_ handle: OpenFile, offset: Int, count: Int, path: String) throws(FileSystemError) -> [UInt8] {
         var result = [UInt8](repeating: 0, count: count)

@@ -101,11 +101,7 @@ public enum Inspector {
         for (position, name) in names.enumerated() {
             let filePath = joinPath(layout.log, name)
             let bytes: [UInt8]
-            do {
-                let handle = try fileSystem.open(filePath, options: [.readOnly])
-                defer { fileSystem.close(handle) }
-                bytes = try fileSystem.readAll(handle, path: filePath)
-            } catch { throw .fileSystem(error) }
+            do { bytes = try fileSystem.readFile(filePath) } catch { throw .fileSystem(error) }
             let scan = SegmentScanner.scan(bytes, name: name, isNewest: position == names.count - 1, limits: limits)
             let relative = "log/" + name
             if let expected, scan.firstIndex != expected {

@@ -124,11 +124,7 @@ public enum Recovery {
             let isNewest = position == segmentNames.count - 1
             let path = joinPath(directory.logPath, name)
             let bytes: [UInt8]
-            do {
-                let handle = try fileSystem.open(path, options: [.readOnly])
-                defer { fileSystem.close(handle) }
-                bytes = try fileSystem.readAll(handle, path: path)
-            } catch { throw .fileSystem(error) }
+            do { bytes = try fileSystem.readFile(path) } catch { throw .fileSystem(error) }
             report.bytesRead += bytes.count
             var scan = try SegmentScanner.scan(bytes, name: name, isNewest: isNewest, limits: options.limits) { (entry: LogEntry) throws(StorageError) in
                 guard entry.index > base else { return }

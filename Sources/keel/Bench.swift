@@ -157,6 +157,28 @@ struct AppendBench: AsyncParsableCommand {
 }
 
 
+/// Sets `keys` keys ("key:0", "key:1", …) to values of `valueSize` bytes, 512 in flight at a time.
+func populate(_ store: DurableStore<MapStateMachine>, keys: Int, valueSize: Int) async throws {
+    try await withThrowingTaskGroup(of: Void.self) { group in
+        var next = 0
+        func add(_ group: inout ThrowingTaskGroup<Void, any Error>, _ i: Int) {
+            let key = Array("key:\(i)".utf8)
+            let value = [UInt8](repeating: UInt8(truncatingIfNeeded: i), count: valueSize)
+            group.addTask { _ = try await store.execute(MapStateMachine.set(key, value)) }
+        }
+        while next < min(keys, 512) {
+            add(&group, next)
+            next += 1
+        }
+        while try await group.next() != nil {
+            if next < keys {
+                add(&group, next)
+                next += 1
+            }
+        }
+    }
+}
+
 struct RecoveryBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "recovery",
@@ -215,18 +237,7 @@ struct RecoveryBench: AsyncParsableCommand {
         let checkpointPath = freshDirectory(directory, "recovery-checkpoint")
         do {
             let store = try DurableStore<MapStateMachine>(path: checkpointPath, options: options, logger: silent)
-            try await withThrowingTaskGroup(of: Void.self) { group in
-                var next = 0
-                func add(_ group: inout ThrowingTaskGroup<Void, any Error>, _ i: Int) {
-                    let key = Array("key:\(i)".utf8)
-                    let value = [UInt8](repeating: UInt8(truncatingIfNeeded: i), count: valueSize)
-                    group.addTask { _ = try await store.execute(MapStateMachine.set(key, value)) }
-                }
-                while next < min(keys, 512) { add(&group, next); next += 1 }
-                while try await group.next() != nil {
-                    if next < keys { add(&group, next); next += 1 }
-                }
-            }
+            try await populate(store, keys: keys, valueSize: valueSize)
             _ = try await store.checkpoint()
             store.close()
         }
@@ -268,18 +279,7 @@ struct CheckpointBench: AsyncParsableCommand {
         options.log.fsyncPolicy = .never
         do {
             let store = try DurableStore<MapStateMachine>(path: path, options: options, logger: silent)
-            try await withThrowingTaskGroup(of: Void.self) { group in
-                var next = 0
-                func add(_ group: inout ThrowingTaskGroup<Void, any Error>, _ i: Int) {
-                    let key = Array("key:\(i)".utf8)
-                    let value = [UInt8](repeating: UInt8(truncatingIfNeeded: i), count: valueSize)
-                    group.addTask { _ = try await store.execute(MapStateMachine.set(key, value)) }
-                }
-                while next < min(keys, 512) { add(&group, next); next += 1 }
-                while try await group.next() != nil {
-                    if next < keys { add(&group, next); next += 1 }
-                }
-            }
+            try await populate(store, keys: keys, valueSize: valueSize)
             store.close()
         }
         options.log.fsyncPolicy = .always
