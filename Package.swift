@@ -11,6 +11,8 @@ let package = Package(
     products: [
         .library(name: "KeelCore", targets: ["KeelCore"]),
         .library(name: "KeelStorage", targets: ["KeelStorage"]),
+        .library(name: "KeelRaft", targets: ["KeelRaft"]),
+        .library(name: "KeelSimulation", targets: ["KeelSimulation"]),
         .executable(name: "keel", targets: ["keel"]),
     ],
     dependencies: [
@@ -30,6 +32,16 @@ let package = Package(
             swiftSettings: strict
         ),
         .target(
+            name: "KeelRaft",
+            dependencies: ["KeelCore"],
+            swiftSettings: strict
+        ),
+        .target(
+            name: "KeelSimulation",
+            dependencies: ["KeelCore", "KeelRaft"],
+            swiftSettings: strict
+        ),
+        .target(
             name: "KeelStorage",
             dependencies: [
                 "KeelCore",
@@ -44,6 +56,8 @@ let package = Package(
             dependencies: [
                 "KeelCore",
                 "KeelStorage",
+                "KeelRaft",
+                "KeelSimulation",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Collections", package: "swift-collections"),
                 .product(name: "Logging", package: "swift-log"),
@@ -60,6 +74,16 @@ let package = Package(
         .testTarget(
             name: "KeelCoreTests",
             dependencies: ["KeelCore"],
+            swiftSettings: strict
+        ),
+        .testTarget(
+            name: "KeelRaftTests",
+            dependencies: ["KeelCore", "KeelRaft", "KeelSimulation"],
+            swiftSettings: strict
+        ),
+        .testTarget(
+            name: "KeelSimulationTests",
+            dependencies: ["KeelCore", "KeelRaft", "KeelSimulation"],
             swiftSettings: strict
         ),
         .testTarget(

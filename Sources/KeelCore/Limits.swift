@@ -9,13 +9,14 @@ public struct Limits: Sendable, Equatable {
     /// The most bytes the log writer takes into one write and one fdatasync.
     public var groupCommitSizeMax: Int = 8 * 1024 * 1024
 
-    /// The most appends that may wait in the writer's queue; past it, appenders wait for room.
+    /// The most appends that may wait in the writer's queue; past it, appends fail with `.overloaded`.
     public var appendQueueCountMax: Int = 65_536
 
     /// The smallest segment size accepted in a configuration.
     public var segmentSizeMin: Int = 4096
 
-    /// The largest segment size accepted in a configuration (record offsets are 32-bit).
+    /// The largest segment size accepted in a configuration (record offsets are 32-bit, so this
+    /// plus `entrySizeMax` must stay below 4 GiB).
     public var segmentSizeMax: Int = 1 << 31
 
     /// The largest checkpoint body a reader will accept.

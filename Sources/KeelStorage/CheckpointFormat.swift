@@ -105,8 +105,10 @@ public enum CheckpointFormat {
         }
         let formatVersion = LogFormat.readUInt32(bytes, at: start + 8)
         guard formatVersion == version else { return .failure(FormatProblem("format version \(formatVersion) is not supported (this build reads \(version))")) }
+        let index = LogIndex(LogFormat.readUInt64(bytes, at: start + 16))
+        guard index <= LogFormat.indexMax else { return .failure(FormatProblem("index \(index) out of range")) }
         return .success(CheckpointMetadata(
-            index: LogIndex(LogFormat.readUInt64(bytes, at: start + 16)),
+            index: index,
             term: Term(LogFormat.readUInt64(bytes, at: start + 24)),
             wallTimeMilliseconds: Int64(bitPattern: LogFormat.readUInt64(bytes, at: start + 32))))
     }

@@ -127,17 +127,22 @@ public struct CheckpointStore: Sendable {
         }
     }
 
-    /// Removes all but the newest `keep` checkpoints.
+    /// Keeps the newest `keep` checkpoints that are not known to be damaged and removes the rest
+    /// (damaged ones included).
     ///
+    /// - Parameter damaged: names of checkpoints that failed verification.
     /// - Returns: the checkpoints that remain, newest first.
     @discardableResult
-    public func prune(keep: Int) throws(StorageError) -> [CheckpointFile] {
+    public func prune(keep: Int, damaged: Set<String> = []) throws(StorageError) -> [CheckpointFile] {
         let all = try list()
-        guard all.count > keep else { return all }
+        let kept = Array(all.filter { !damaged.contains($0.name) }.prefix(keep))
+        let keptNames = Set(kept.map(\.name))
+        let doomed = all.filter { !keptNames.contains($0.name) }
+        guard !doomed.isEmpty else { return kept }
         do {
-            for file in all.dropFirst(keep) { try fileSystem.remove(joinPath(directory, file.name)) }
+            for file in doomed { try fileSystem.remove(joinPath(directory, file.name)) }
             try fileSystem.synchronizeDirectory(directory)
         } catch { throw .fileSystem(error) }
-        return Array(all.prefix(keep))
+        return kept
     }
 }

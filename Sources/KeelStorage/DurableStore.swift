@@ -64,7 +64,12 @@ public final class DurableStore<Machine: DurableStateMachine>: @unchecked Sendab
         var checkpointRunning = false
         var bytesAtLastCheckpoint: UInt64 = 0
         var lastCheckpoint: CheckpointMetadata?
+        /// Callers waiting for the checkpoint that is running.
         var waiters: [@Sendable (Result<CheckpointMetadata, StorageError>) -> Void] = []
+        /// Callers who asked while one was running: they get the next one, taken after it.
+        var laterWaiters: [@Sendable (Result<CheckpointMetadata, StorageError>) -> Void] = []
+        /// Checkpoint files found damaged at recovery: never kept in place of a valid one.
+        var damagedCheckpoints: Set<String> = []
         var lastCheckpointError: StorageError?
         var closed = false
     }
@@ -131,7 +136,7 @@ public final class DurableStore<Machine: DurableStateMachine>: @unchecked Sendab
         self.logger = logger
         self.wallClock = wallClock
         self.state = Locked(State(machine: machine, appliedIndex: recovered.report.lastIndex, appliedTerm: appliedTerm,
-                                 lastCheckpoint: checkpoint))
+                                  lastCheckpoint: checkpoint, damagedCheckpoints: Set(recovered.report.rejectedCheckpoints.map(\.name))))
     }
 
     /// Point-in-time recovery: the state after entry `index`, rebuilt from the newest valid
@@ -226,8 +231,13 @@ public final class DurableStore<Machine: DurableStateMachine>: @unchecked Sendab
                     continuation.resume(returning: .failure(.closed))
                     return nil
                 }
-                state.waiters.append { continuation.resume(returning: $0) }
-                return state.checkpointRunning ? nil : beginCheckpoint(&state, logged: logged)
+                let waiter: @Sendable (Result<CheckpointMetadata, StorageError>) -> Void = { continuation.resume(returning: $0) }
+                if state.checkpointRunning {
+                    state.laterWaiters.append(waiter)
+                    return nil
+                }
+                state.waiters.append(waiter)
+                return beginCheckpoint(&state, logged: logged)
             }
             if let (snapshot, metadata) = start { runCheckpoint(snapshot, metadata) }
         }
@@ -238,9 +248,10 @@ public final class DurableStore<Machine: DurableStateMachine>: @unchecked Sendab
     private func runCheckpoint(_ snapshot: Machine.Snapshot, _ metadata: CheckpointMetadata) {
         let thread = Thread { [self] in
             let outcome = publish(snapshot, metadata)
-            let next = state.withLock { state -> ([@Sendable (Result<CheckpointMetadata, StorageError>) -> Void], (Machine.Snapshot, CheckpointMetadata)?) in
+            let next = state.withLock { state -> ([() -> Void], (Machine.Snapshot, CheckpointMetadata)?) in
                 let waiters = state.waiters
-                state.waiters = []
+                state.waiters = state.laterWaiters
+                state.laterWaiters = []
                 state.checkpointRunning = false
                 switch outcome {
                 case .success(let published):
@@ -250,10 +261,16 @@ public final class DurableStore<Machine: DurableStateMachine>: @unchecked Sendab
                     state.lastCheckpointError = error
                 }
                 // Waiters who arrived while this one ran want a checkpoint at least as new as their call.
-                let again = state.waiters.isEmpty || state.closed ? nil : beginCheckpoint(&state, logged: log.bytesWritten)
-                return (waiters, again)
+                var finished = waiters.map { waiter in { waiter(outcome) } }
+                if state.closed {
+                    let abandoned = state.waiters
+                    state.waiters = []
+                    finished += abandoned.map { waiter in { waiter(.failure(.closed)) } }
+                }
+                let again = state.waiters.isEmpty ? nil : beginCheckpoint(&state, logged: log.bytesWritten)
+                return (finished, again)
             }
-            for waiter in next.0 { waiter(outcome) }
+            for finish in next.0 { finish() }
             if let (snapshot, metadata) = next.1 { runCheckpoint(snapshot, metadata) }
             checkpointsInFlight.leave()
         }
@@ -264,11 +281,15 @@ public final class DurableStore<Machine: DurableStateMachine>: @unchecked Sendab
     private func publish(_ snapshot: Machine.Snapshot, _ metadata: CheckpointMetadata) -> Result<CheckpointMetadata, StorageError> {
         let started = ContinuousClock.now
         do {
-            if let existing = try checkpoints.list().first, existing.index == metadata.index {
-                return .success(CheckpointMetadata(index: existing.index, term: existing.term, wallTimeMilliseconds: metadata.wallTimeMilliseconds))
+            let (previous, damaged) = state.withLock { ($0.lastCheckpoint, $0.damagedCheckpoints) }
+            if let previous, previous.index == metadata.index {
+                return .success(previous) // nothing applied since: the valid checkpoint stands
             }
             let file = try checkpoints.write(snapshot, metadata: metadata)
-            let kept = try checkpoints.prune(keep: 2)
+            // A rewrite under a damaged file's name replaced it with a valid one.
+            let stillDamaged = damaged.subtracting([file.name])
+            state.withLock { $0.damagedCheckpoints = stillDamaged }
+            let kept = try checkpoints.prune(keep: 2, damaged: stillDamaged)
             var removed: [String] = []
             if kept.count == 2 {
                 let older = kept[1].index

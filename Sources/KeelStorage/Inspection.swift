@@ -44,11 +44,25 @@ public struct DirectoryInspection: Sendable {
     /// Whether nothing at all is wrong.
     public var isClean: Bool { problems.isEmpty }
 
-    /// The first point of damage in the log: the segment's position in `segments`, the offset,
-    /// and the last index that is intact before it.
-    public var firstLogDamage: (segment: Int, offset: Int, lastIntactIndex: LogIndex)? {
+    /// The index of the newest checkpoint that verifies.
+    public var newestValidCheckpointIndex: LogIndex? {
+        checkpoints.compactMap { try? $0.verdict.get() }.map(\.index).max()
+    }
+
+    /// How many segments, from the oldest, the newest valid checkpoint covers wholly (recovery
+    /// does not need them, and drops them if they are damaged).
+    public var coveredSegmentCount: Int {
+        guard let base = newestValidCheckpointIndex else { return 0 }
+        var count = 0
+        while count + 1 < segments.count, segments[count + 1].firstIndex <= base.next { count += 1 }
+        return count
+    }
+
+    /// The first point of damage in the log from segment `start` on: the segment's position in
+    /// `segments`, the offset, and the last index that is intact before it.
+    public func firstLogDamage(from start: Int = 0) -> (segment: Int, offset: Int, lastIntactIndex: LogIndex)? {
         var expected: LogIndex?
-        for (position, scan) in segments.enumerated() {
+        for (position, scan) in segments.enumerated() where position >= start {
             if let expected, scan.firstIndex != expected { return (position, 0, LogIndex(expected.rawValue - 1)) }
             switch scan.ending {
             case .clean: break
@@ -100,8 +114,7 @@ public enum Inspector {
         var expected: LogIndex?
         for (position, name) in names.enumerated() {
             let filePath = joinPath(layout.log, name)
-            let bytes: [UInt8]
-            do { bytes = try fileSystem.readFile(filePath) } catch { throw .fileSystem(error) }
+            let bytes = try readSegmentFile(filePath, fileSystem: fileSystem, limits: limits)
             let scan = SegmentScanner.scan(bytes, name: name, isNewest: position == names.count - 1, limits: limits)
             let relative = "log/" + name
             if let expected, scan.firstIndex != expected {
@@ -193,7 +206,7 @@ public enum Repair {
             throw .unrecoverable(reason: "the state at index \(index) cannot be rebuilt: the log begins at \(logFirst) and the newest valid checkpoint at or below \(index) is at \(base)",
                                  remedy: "Choose an index at or above the newest checkpoint's; `keel inspect` lists them.")
         }
-        if let damage = inspection.firstLogDamage, damage.lastIntactIndex < index {
+        if let damage = inspection.firstLogDamage(from: inspection.coveredSegmentCount), damage.lastIntactIndex < index {
             throw .unrecoverable(reason: "the log is damaged at log/\(inspection.segments[damage.segment].name) offset \(damage.offset), before index \(index)",
                                  remedy: "Run `keel recover \(inspection.path) --truncate-after-corruption` first.")
         }
@@ -212,38 +225,48 @@ public enum Repair {
         return plan
     }
 
-    /// The plan that drops everything from the first damage in the log on (and invalid checkpoints).
+    /// The plan that drops the log from its first damage on (and invalid checkpoints). Damage in
+    /// segments the newest valid checkpoint covers costs nothing: those segments are dropped and
+    /// the rest of the log is kept.
     public static func planCorruptionTruncation(inspection: DirectoryInspection) -> RepairPlan {
         var plan = RepairPlan()
         plan.removeCheckpoints = inspection.checkpoints.filter {
             if case .failure = $0.verdict { return true } else { return false }
         }.map(\.file.name)
         plan.keptLastIndex = inspection.segments.last?.lastIndex ?? .zero
-        guard let damage = inspection.firstLogDamage else { return plan }
-        let damaged = inspection.segments[damage.segment]
-        for scan in inspection.segments[(damage.segment + 1)...].reversed() { plan.removeSegments.append(scan.name) }
-        let lastDropped = inspection.segments.last.map { max($0.lastIndex, damaged.lastIndex) } ?? damaged.lastIndex
-        if damage.offset <= LogFormat.segmentHeaderSize {
-            plan.removeSegments.append(damaged.name)
-        } else {
-            plan.truncate = (damaged.name, damage.offset, damaged.fileSize - damage.offset)
+        let covered = inspection.coveredSegmentCount
+        var head: [String] = []
+        if covered > 0, let damage = inspection.firstLogDamage(from: 0), damage.segment < covered {
+            head = inspection.segments[..<covered].map(\.name)
         }
-        plan.keptLastIndex = damage.lastIntactIndex
-        if lastDropped > plan.keptLastIndex { plan.droppedEntries = (plan.keptLastIndex.rawValue + 1)...lastDropped.rawValue }
-        // Entries after the damage that the scan could not see are dropped too; their count is unknown.
+        var tail: [String] = [] // newest first, so an interrupted repair leaves a prefix of the log
+        if let damage = inspection.firstLogDamage(from: covered) {
+            let damaged = inspection.segments[damage.segment]
+            tail = inspection.segments[(damage.segment + 1)...].reversed().map(\.name)
+            if damage.offset <= LogFormat.segmentHeaderSize {
+                tail.append(damaged.name)
+            } else {
+                plan.truncate = (damaged.name, damage.offset, damaged.fileSize - damage.offset)
+            }
+            plan.keptLastIndex = damage.lastIntactIndex
+            let lastDropped = max(inspection.segments.last?.lastIndex ?? .zero, damaged.lastIndex)
+            if lastDropped > plan.keptLastIndex { plan.droppedEntries = (plan.keptLastIndex.rawValue + 1)...lastDropped.rawValue }
+        }
+        plan.removeSegments = tail + head
         return plan
     }
 
-    /// Carries out a plan, holding the directory's lock.
-    public static func execute(_ plan: RepairPlan, path: String, fileSystem: any FileSystem = POSIXFileSystem()) throws(StorageError) {
-        let directory = try DataDirectory(path: path, fileSystem: fileSystem)
-        defer { directory.unlock() }
+    /// Carries out a plan on a directory whose lock the caller holds (and held while planning).
+    public static func execute(_ plan: RepairPlan, directory: DataDirectory) throws(StorageError) {
+        let fileSystem = directory.fileSystem
         do {
             if !plan.removeCheckpoints.isEmpty {
-                for name in plan.removeCheckpoints { try fileSystem.remove(joinPath(directory.checkpointsPath, name)) }
+                for name in plan.removeCheckpoints where fileSystem.exists(joinPath(directory.checkpointsPath, name)) {
+                    try fileSystem.remove(joinPath(directory.checkpointsPath, name))
+                }
                 try fileSystem.synchronizeDirectory(directory.checkpointsPath)
             }
-            for name in plan.removeSegments {
+            for name in plan.removeSegments where fileSystem.exists(joinPath(directory.logPath, name)) {
                 try fileSystem.remove(joinPath(directory.logPath, name))
                 try fileSystem.synchronizeDirectory(directory.logPath)
             }

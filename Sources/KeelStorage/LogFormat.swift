@@ -13,6 +13,11 @@ import KeelCore
 public enum LogRecordType: UInt8, Sendable {
     /// An entry: an operation, as opaque bytes, with its index and term.
     case entry = 1
+    /// A sync marker: index 0, term 0, an 8-byte payload S meaning "bytes 0..<S of this segment
+    /// were durable (fdatasync returned) before this record was written". The writer puts one at
+    /// the start of a batch whenever a sync has moved S. Recovery uses it to tell damage before
+    /// the synced end (corruption) from an unsynced tail that reached the disk in pieces.
+    case syncMarker = 2
 }
 
 /// One entry of the log: its position, the term it was written in, and its bytes.
@@ -51,7 +56,8 @@ public enum LogFormat {
     public static func firstIndex(fromSegmentName name: String) -> LogIndex? {
         guard name.hasSuffix(segmentExtension) else { return nil }
         let digits = name.dropLast(segmentExtension.count)
-        guard digits.count == 20, digits.allSatisfy({ $0.isASCII && $0.isNumber }), let value = UInt64(digits) else { return nil }
+        guard digits.count == 20, digits.allSatisfy({ $0.isASCII && $0.isNumber }), let value = UInt64(digits),
+              value > 0, value <= indexMax.rawValue else { return nil }
         return LogIndex(value)
     }
 
@@ -120,6 +126,19 @@ public enum LogFormat {
         for i in 0..<4 { buffer[start + i] = UInt8(truncatingIfNeeded: masked >> (8 * UInt32(i))) }
     }
 
+    /// The largest index a record may carry (so that `index + 1` never overflows on bytes from disk).
+    public static let indexMax = LogIndex(UInt64(1) << 62)
+
+    /// The bytes a sync marker takes.
+    public static let syncMarkerSize = recordHeaderSize + 8
+
+    /// Appends a sync marker saying bytes `0..<syncedEnd` were durable.
+    public static func appendSyncMarker(syncedEnd: Int, to buffer: inout [UInt8]) {
+        var payload = ByteWriter(capacity: 8)
+        payload.write(UInt64(syncedEnd))
+        appendRecord(type: .syncMarker, index: .zero, term: .zero, payload: payload.bytes, to: &buffer)
+    }
+
     /// The outcome of reading a record at an offset.
     public enum RecordRead: Sendable, Equatable {
         /// A valid record, and the offset just past it.
@@ -156,6 +175,12 @@ public enum LogFormat {
         guard CRC32C.mask(CRC32C.checksum(covered)) == stored else { return .invalid("checksum mismatch") }
         let term = Term(header.loadUnaligned(fromByteOffset: 12, as: UInt64.self).littleEndian)
         let index = LogIndex(header.loadUnaligned(fromByteOffset: 20, as: UInt64.self).littleEndian)
+        switch type {
+        case .entry:
+            guard index > .zero, index <= indexMax else { return .invalid("record index \(index) out of range") }
+        case .syncMarker:
+            guard index == .zero, term == .zero, length == 8 else { return .invalid("malformed sync marker") }
+        }
         return .record(type, index: index, term: term, payload: (offset + recordHeaderSize)..<end, end: end)
     }
 

@@ -31,8 +31,11 @@ public struct RecoveryReport: Sendable, CustomStringConvertible {
     public var bytesTruncated = 0
     /// Where the torn tail was, and why it did not parse.
     public var tornTail: (file: String, offset: Int, reason: String)?
-    /// Segment files removed because their header never reached the disk.
+    /// Segment files removed: a header that never reached the disk, damage in a segment the
+    /// checkpoint covers, or a log the checkpoint outran.
     public var removedSegments: [String] = []
+    /// Things the operator should know that did not stop the start.
+    public var warnings: [String] = []
     /// Wall-clock duration in nanoseconds.
     public var durationNanoseconds: UInt64 = 0
 
@@ -51,7 +54,8 @@ public struct RecoveryReport: Sendable, CustomStringConvertible {
         } else {
             parts.append("no torn tail")
         }
-        if !removedSegments.isEmpty { parts.append("removed unfinished segments \(removedSegments.joined(separator: ", "))") }
+        if !removedSegments.isEmpty { parts.append("removed segments \(removedSegments.joined(separator: ", "))") }
+        for warning in warnings { parts.append("warning: \(warning)") }
         parts.append("took \(durationNanoseconds / 1_000_000) ms")
         return "recovery: " + parts.joined(separator: "; ")
     }
@@ -62,6 +66,32 @@ struct RecoveredLog {
     var report: RecoveryReport
     var scans: [SegmentScan]
     var nextIndex: LogIndex
+}
+
+/// Reads a whole segment, refusing a file larger than any segment Keel writes.
+func readSegment(directory: DataDirectory, name: String, limits: Limits) throws(StorageError) -> [UInt8] {
+    let path = joinPath(directory.logPath, name)
+    return try readSegmentFile(path, fileSystem: directory.fileSystem, limits: limits)
+}
+
+func readSegmentFile(_ path: String, fileSystem: any FileSystem, limits: Limits) throws(StorageError) -> [UInt8] {
+    let sizeMax = limits.segmentSizeMax + limits.entrySizeMax + 4096
+    do {
+        let handle = try fileSystem.open(path, options: [.readOnly])
+        defer { fileSystem.close(handle) }
+        let size = try fileSystem.size(of: handle)
+        guard size <= sizeMax else {
+            throw StorageError.corruption(file: path, offset: 0, reason: "the file has \(size) bytes, more than any segment holds (\(sizeMax))",
+                                          remedy: "Check what wrote this file; `keel inspect` lists the log.")
+        }
+        return try fileSystem.readAll(handle, path: path)
+    } catch let error as StorageError {
+        throw error
+    } catch let error as FileSystemError {
+        throw .fileSystem(error)
+    } catch {
+        preconditionFailure("unexpected error \(error)")
+    }
 }
 
 /// Recovers a data directory into a state machine.
@@ -116,15 +146,55 @@ public enum Recovery {
                 remedy: "Restore the data directory from a backup, or rebuild this node from a peer; `keel inspect \(directory.path)` lists what is present.")
         }
 
-        // 3 and 4. Every segment, in order.
+        // 3. Segments wholly covered by the loaded checkpoint are not needed to rebuild the state,
+        // only to fall back to an older checkpoint: damage in them is reported, and they are
+        // dropped instead of stopping the start.
+        let firstIndexes = segmentNames.map { LogFormat.firstIndex(fromSegmentName: $0) ?? LogIndex(1) }
+        var coveredCount = 0
+        while coveredCount + 1 < segmentNames.count, firstIndexes[coveredCount + 1] <= base.next { coveredCount += 1 }
         var scans: [SegmentScan] = []
         var expected: LogIndex?
+        var coveredDamage: String?
+        for position in 0..<coveredCount {
+            let name = segmentNames[position]
+            let bytes = try readSegment(directory: directory, name: name, limits: options.limits)
+            report.bytesRead += bytes.count
+            let scan = SegmentScanner.scan(bytes, name: name, isNewest: false, limits: options.limits)
+            if let expected, scan.firstIndex != expected {
+                coveredDamage = "log/\(name) at offset 0: the previous segment ended at \(LogIndex(expected.rawValue - 1))"
+            } else if case .corrupt(let offset, let reason) = scan.ending {
+                coveredDamage = "log/\(name) at offset \(offset): \(reason)"
+            } else if case .badHeader(let reason) = scan.ending {
+                coveredDamage = "log/\(name) at offset 0: \(reason)"
+            } else if case .tornTail(let offset, let reason) = scan.ending {
+                coveredDamage = "log/\(name) at offset \(offset): \(reason)"
+            }
+            if coveredDamage != nil { break }
+            expected = scan.lastIndex.next
+            scans.append(scan)
+        }
+        if let coveredDamage {
+            let names = Array(segmentNames[..<coveredCount])
+            report.warnings.append("damage in a log segment that the checkpoint at index \(base) covers (\(coveredDamage)); "
+                + "nothing is lost, but falling back to an older checkpoint is no longer possible; removed \(names.joined(separator: ", "))")
+            if repair {
+                do {
+                    for name in names { try fileSystem.remove(joinPath(directory.logPath, name)) }
+                    try fileSystem.synchronizeDirectory(directory.logPath)
+                } catch { throw .fileSystem(error) }
+                report.removedSegments.append(contentsOf: names)
+            }
+            scans = []
+            expected = nil
+        }
+
+        // 4. The segments the state needs, in order.
         var lastIndex = base
-        for (position, name) in segmentNames.enumerated() {
+        for position in coveredCount..<segmentNames.count {
+            let name = segmentNames[position]
             let isNewest = position == segmentNames.count - 1
             let path = joinPath(directory.logPath, name)
-            let bytes: [UInt8]
-            do { bytes = try fileSystem.readFile(path) } catch { throw .fileSystem(error) }
+            let bytes = try readSegment(directory: directory, name: name, limits: options.limits)
             report.bytesRead += bytes.count
             var scan = try SegmentScanner.scan(bytes, name: name, isNewest: isNewest, limits: options.limits) { (entry: LogEntry) throws(StorageError) in
                 guard entry.index > base else { return }
@@ -164,10 +234,16 @@ public enum Recovery {
                         let handle = try fileSystem.open(path, options: [])
                         defer { fileSystem.close(handle) }
                         try fileSystem.truncate(handle, to: offset)
-                        try fileSystem.allocate(handle, offset: 0, length: max(options.segmentSize, offset))
+                        do {
+                            try fileSystem.allocate(handle, offset: 0, length: max(options.segmentSize, offset))
+                        } catch where error.kind == .noSpace {
+                            // A full disk must not stop the start: the segment grows as it is written.
+                            report.warnings.append("could not preallocate \(path) again: the disk is full")
+                        }
                         try fileSystem.synchronize(handle)
                     } catch { throw .fileSystem(error) }
                     scan.fileSize = max(options.segmentSize, offset)
+                    scan.dataEnd = min(scan.dataEnd, offset)
                     scan.ending = .clean
                 }
             }

@@ -4,9 +4,11 @@
 //
 // - A sealed segment (any but the newest) was synced and trimmed to its last record before the
 //   next one was created, so anything invalid in it is corruption.
-// - In the newest segment, the first bad record is a *torn tail* if no valid record follows it
-//   anywhere in the file: a write that was in flight at the crash and was never acknowledged. If
-//   a valid record does follow, the damage is *before the synced end*: corruption.
+// - In the newest segment, the first bad record at offset X is *corruption* if a valid sync marker
+//   after it says the segment was durable past X: the damage is before the synced end. Otherwise
+//   it is a *torn tail*: writes in flight at the crash, never acknowledged under fsync `always`,
+//   which may have reached the disk in pieces and out of order, so valid records after X do not
+//   by themselves prove corruption.
 // - A newest segment whose header does not validate was being created at the crash.
 
 import KeelCore
@@ -41,6 +43,8 @@ public struct SegmentScan: Sendable {
     public var offsets: [UInt32]
     /// How the data ends.
     public var ending: SegmentEnding
+    /// The largest synced end a valid sync marker declares (the header size when there is none).
+    public var syncedEnd: Int
 
     /// The number of valid records.
     public var recordCount: Int { offsets.count }
@@ -64,10 +68,11 @@ public enum SegmentScanner {
         limits: Limits,
         visit: (LogEntry) throws(Failure) -> Void
     ) throws(Failure) -> SegmentScan {
-        let firstIndex = LogFormat.firstIndex(fromSegmentName: name) ?? .zero
+        let firstIndex = LogFormat.firstIndex(fromSegmentName: name) ?? LogIndex(1)
         var scan = SegmentScan(
             name: name, firstIndex: firstIndex, lastIndex: LogIndex(firstIndex.rawValue &- 1), lastTerm: nil,
-            fileSize: bytes.count, dataEnd: min(bytes.count, LogFormat.segmentHeaderSize), offsets: [], ending: .clean)
+            fileSize: bytes.count, dataEnd: min(bytes.count, LogFormat.segmentHeaderSize), offsets: [], ending: .clean,
+            syncedEnd: min(bytes.count, LogFormat.segmentHeaderSize))
         switch LogFormat.decodeSegmentHeader(bytes[...]) {
         case .failure(let problem):
             scan.ending = .badHeader(reason: problem.description)
@@ -84,19 +89,25 @@ public enum SegmentScanner {
             var expected = firstIndex
             while true {
                 switch LogFormat.readRecord(raw, at: offset, payloadSizeMax: limits.entrySizeMax) {
-                case .record(let type, let index, let term, let payload, let end):
+                case .record(.syncMarker, _, _, let payload, let end):
+                    let marked = Int(truncatingIfNeeded: raw.loadUnaligned(fromByteOffset: payload.lowerBound, as: UInt64.self).littleEndian)
+                    guard marked >= 0, marked <= offset else {
+                        scan.ending = .corrupt(offset: offset, reason: "a sync marker claims \(marked) bytes were synced before offset \(offset)")
+                        return
+                    }
+                    scan.syncedEnd = max(scan.syncedEnd, marked)
+                    scan.dataEnd = end
+                    offset = end
+                case .record(.entry, let index, let term, let payload, let end):
                     guard index == expected else {
                         scan.ending = .corrupt(offset: offset, reason: "record has index \(index) where \(expected) was expected")
                         return
                     }
-                    switch type {
-                    case .entry:
-                        do throws(Failure) {
-                            try visit(LogEntry(index: index, term: term, payload: Array(raw[payload])))
-                        } catch {
-                            failure = error
-                            return
-                        }
+                    do throws(Failure) {
+                        try visit(LogEntry(index: index, term: term, payload: Array(raw[payload])))
+                    } catch {
+                        failure = error
+                        return
                     }
                     scan.offsets.append(UInt32(offset))
                     scan.lastIndex = index
@@ -131,13 +142,27 @@ public enum SegmentScanner {
         if !invalidAtStart && rest.allSatisfy({ $0 == 0 }) {
             return .clean
         }
-        if let later = firstValidRecord(raw, after: offset, limits: limits) {
-            return .corrupt(offset: offset, reason: "\(reason), and a valid record follows at offset \(later)")
-        }
         if !isNewest {
-            return .corrupt(offset: offset, reason: "\(reason) in a sealed segment (it was synced before the next segment began)")
+            let after = firstValidRecord(raw, after: offset, limits: limits).map { ", and a valid record follows at offset \($0)" } ?? ""
+            return .corrupt(offset: offset, reason: "\(reason) in a sealed segment (it was synced before the next segment began)\(after)")
+        }
+        if let marker = syncMarkerPast(offset, in: raw, limits: limits) {
+            return .corrupt(offset: offset, reason: "\(reason), inside the synced part of the segment (the sync marker at offset \(marker.at) says \(marker.syncedEnd) bytes were durable)")
         }
         return .tornTail(offset: offset, reason: reason)
+    }
+
+    /// A valid sync marker after `offset` that declares the segment durable past `offset`, if any.
+    static func syncMarkerPast(_ offset: Int, in raw: UnsafeRawBufferPointer, limits: Limits) -> (at: Int, syncedEnd: Int)? {
+        var position = offset
+        while let found = firstValidRecord(raw, after: position, limits: limits) {
+            if case .record(.syncMarker, _, _, let payload, _) = LogFormat.readRecord(raw, at: found, payloadSizeMax: limits.entrySizeMax) {
+                let marked = Int(truncatingIfNeeded: raw.loadUnaligned(fromByteOffset: payload.lowerBound, as: UInt64.self).littleEndian)
+                if marked > offset && marked <= found { return (found, marked) }
+            }
+            position = found
+        }
+        return nil
     }
 
     /// The offset of the first valid record strictly after `offset`, if any.
@@ -147,7 +172,8 @@ public enum SegmentScanner {
         var position = offset + 1
         let typeOffset = 8
         while position + LogFormat.recordHeaderSize <= raw.count {
-            if raw[position + typeOffset] == LogRecordType.entry.rawValue,
+            let type = raw[position + typeOffset]
+            if type == LogRecordType.entry.rawValue || type == LogRecordType.syncMarker.rawValue,
                raw[position + typeOffset + 1] == 0,
                case .record = LogFormat.readRecord(raw, at: position, payloadSizeMax: limits.entrySizeMax) {
                 return position

@@ -59,6 +59,7 @@ public final class SimulatedFileSystem: FileSystem {
         var counters = Counters()
         var crashAfterMutation: Int?
         var failNextSyncs = 0
+        var syncFailureKind = FileSystemError.Kind.inputOutput
         var capacity: Int?
         var flipBitsOnRead: [(path: String, offset: Int)] = []
         var randomReadFlipProbability = 0.0
@@ -90,9 +91,14 @@ public final class SimulatedFileSystem: FileSystem {
     /// The counters so far.
     public var counters: Counters { state.withLock { $0.counters } }
 
-    /// Makes the next `count` calls to `synchronize` fail with EIO, dropping the file's dirty data.
-    public func failNextSyncs(_ count: Int = 1) {
-        state.withLock { $0.failNextSyncs = count }
+    /// Makes the next `count` calls to `synchronize` fail (with EIO, or ENOSPC as thin-provisioned
+    /// and network file systems can). As on Linux, the data written since the last sync stays
+    /// readable but is no longer on its way to the disk: a crash loses it.
+    public func failNextSyncs(_ count: Int = 1, kind: FileSystemError.Kind = .inputOutput) {
+        state.withLock {
+            $0.failNextSyncs = count
+            $0.syncFailureKind = kind
+        }
     }
 
     /// Limits the total bytes of all files; growing past it fails with ENOSPC. `nil` removes the limit.
@@ -208,8 +214,11 @@ public final class SimulatedFileSystem: FileSystem {
         return p
     }
 
+    /// Bytes of the files that still have a name or an open handle (removing a file frees its space).
     private static func usedBytes(_ s: State) -> Int {
-        s.inodes.values.reduce(0) { $0 + max($1.current.count, $1.durable.count) }
+        var live = Set(s.names.values)
+        for handle in s.handles.values { live.insert(handle.inode) }
+        return live.reduce(0) { $0 + max(s.inodes[$1]!.current.count, s.inodes[$1]!.durable.count) }
     }
 
     private static func handleInfo(_ s: State, _ handle: OpenFile, _ operation: String) throws(FileSystemError) -> (inode: Int, path: String) {
@@ -307,13 +316,22 @@ public final class SimulatedFileSystem: FileSystem {
             let info = try Self.handleInfo(s, handle, "fdatasync")
             if s.failNextSyncs > 0 {
                 s.failNextSyncs -= 1
-                // As Linux does after a writeback error: the dirty pages are gone, the page cache
-                // shows what is on disk.
-                s.inodes[info.inode]!.current = s.inodes[info.inode]!.durable
+                // As Linux does after a writeback error: the pages are marked clean, so reads still
+                // return the new bytes, but they will never be written: a crash loses them.
                 s.inodes[info.inode]!.pending = []
-                throw Self.error(.inputOutput, 5, "fdatasync", info.path)
+                let kind = s.syncFailureKind
+                throw Self.error(kind, kind == .noSpace ? 28 : 5, "fdatasync", info.path)
             }
-            s.inodes[info.inode]!.durable = s.inodes[info.inode]!.current
+            // Only what is still on its way to the disk becomes durable: bytes whose writeback
+            // failed earlier stay readable but are never written (Linux marks them clean).
+            var durable = s.inodes[info.inode]!.durable
+            for operation in s.inodes[info.inode]!.pending {
+                switch operation {
+                case .resize(let size): Self.resize(&durable, to: size)
+                case .write(let offset, let data): for (i, b) in data.enumerated() { Self.store(&durable, b, at: offset + i) }
+                }
+            }
+            s.inodes[info.inode]!.durable = durable
             s.inodes[info.inode]!.pending = []
             s.counters.syncs += 1
             Self.countMutation(&s)

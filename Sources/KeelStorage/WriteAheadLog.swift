@@ -10,13 +10,19 @@
 // - A failed fdatasync, or any write error but ENOSPC, stops the log for good: the batch and
 //   everything queued fail, nothing more is acknowledged, and every later append is refused with
 //   `StorageError.stopped`, whose message says why. The sync is never retried.
-// - ENOSPC fails the writes it hit and everything queued behind them, truncates the segment back to
-//   its last complete record, and leaves the log running: reads work, and later appends are tried
-//   again (and succeed once space is freed).
+//   The newest segment is then cut back to its synced end (see `stop`).
+// - ENOSPC from a write, a preallocation or a segment creation fails the writes it hit and
+//   everything queued behind them, truncates the segment back to its last acknowledged record, and
+//   leaves the log running: reads work, and later appends are tried again (and succeed once space
+//   is freed). ENOSPC from fdatasync is a failed fsync like any other: fatal.
 //
-// Rotation: when the next record would pass `segmentSize`, the current segment is synced, trimmed
-// to its last record and synced again (it is now sealed: nothing invalid may ever be found in it),
-// then the next segment is created with its header, preallocated, synced, and the directory synced.
+// Rotation: when the next record would pass `segmentSize`, the current segment is trimmed to its
+// last record and synced (it is now sealed: nothing invalid may ever be found in it), then the next
+// segment is created with its header, preallocated, synced, and the directory synced.
+//
+// Sync markers: a batch that follows a sync starts with a marker record holding the segment's
+// synced end, so recovery can tell damage inside the synced part (corruption) from a tail that
+// was never synced (docs/formats/log.md).
 
 import Foundation
 import DequeModule
@@ -46,6 +52,9 @@ public struct LogOptions: Sendable, Equatable {
             throw .invalidConfiguration("segment size \(segmentSize) is outside \(limits.segmentSizeMin)...\(limits.segmentSizeMax) bytes")
         }
         guard everysecIntervalMilliseconds > 0 else { throw .invalidConfiguration("the everysec interval must be positive") }
+        guard limits.segmentSizeMax + limits.entrySizeMax + LogFormat.segmentHeaderSize < Int(UInt32.max) else {
+            throw .invalidConfiguration("segmentSizeMax plus entrySizeMax must stay below 4 GiB (record offsets are 32-bit)")
+        }
     }
 }
 
@@ -80,10 +89,16 @@ public final class WriteAheadLog: @unchecked Sendable {
         var lastIndex: LogIndex
         var dataEnd: Int
         var offsets: [UInt32]
+        /// Bytes known durable (fdatasync returned after they were written).
+        // Invariant: syncedEnd <= dataEnd
+        var syncedEnd: Int
+        /// The synced end the newest sync marker in the segment declares.
+        var lastMarker: Int
     }
 
     private struct Table {
         var segments: [Segment]
+        var isClosed = false
         var bytesWritten: UInt64 = 0
         var syncCount: UInt64 = 0
     }
@@ -101,6 +116,8 @@ public final class WriteAheadLog: @unchecked Sendable {
     private var runState = RunState.running
     private let writerDone = DispatchSemaphore(value: 0)
     private var closed = false
+    /// Set before the thread starts and never changed.
+    private var writerThread: Thread?
 
     private let table: Mutex<Table>
 
@@ -122,7 +139,13 @@ public final class WriteAheadLog: @unchecked Sendable {
             for (position, scan) in scans.enumerated() {
                 let isNewest = position == scans.count - 1
                 let handle = try fileSystem.open(joinPath(directory, scan.name), options: isNewest ? [] : [.readOnly])
-                segments.append(Segment(name: scan.name, handle: handle, firstIndex: scan.firstIndex, lastIndex: scan.lastIndex, dataEnd: scan.dataEnd, offsets: scan.offsets))
+                segments.append(Segment(name: scan.name, handle: handle, firstIndex: scan.firstIndex, lastIndex: scan.lastIndex,
+                                        dataEnd: scan.dataEnd, offsets: scan.offsets, syncedEnd: scan.dataEnd, lastMarker: scan.syncedEnd))
+            }
+            if let newest = segments.last, !scans.isEmpty {
+                // What was read back may sit in the page cache only (a process restart without a
+                // machine crash): make it durable, so the next sync marker can vouch for it.
+                try fileSystem.synchronize(newest.handle)
             }
             if let newest = segments.last {
                 precondition(newest.lastIndex.next == nextIndex, "the log must continue from its newest segment")
@@ -136,6 +159,7 @@ public final class WriteAheadLog: @unchecked Sendable {
         table = Mutex(Table(segments: segments))
         let thread = Thread { [self] in self.runWriter() }
         thread.name = "keel-log-writer"
+        writerThread = thread
         thread.start()
     }
 
@@ -144,7 +168,8 @@ public final class WriteAheadLog: @unchecked Sendable {
     /// Queues an entry; `completion` runs on the writer thread once the entry is durable under the
     /// policy (or has failed), after the completions of all earlier entries.
     ///
-    /// - Returns: the index the entry will have.
+    /// - Returns: the index the entry will have if it succeeds (after a failure the index is given
+    ///   to the next entry).
     /// - Throws: `StorageError` when the log refuses the entry at once (stopped, closed, over a limit).
     @discardableResult
     public func append(term: Term, payload: [UInt8], completion: @escaping @Sendable (Result<LogIndex, StorageError>) -> Void) throws(StorageError) -> LogIndex {
@@ -212,6 +237,7 @@ public final class WriteAheadLog: @unchecked Sendable {
     ///   `.corruption` if it cannot be read back intact.
     public func entry(at index: LogIndex) throws(StorageError) -> LogEntry {
         try table.withLock { table throws(StorageError) -> LogEntry in
+            if table.isClosed { throw .closed }
             let first = table.segments[0].firstIndex
             let last = table.segments[table.segments.count - 1].lastIndex
             guard index >= first, index <= last else { throw .entryUnavailable(index, firstIndex: first, lastIndex: last) }
@@ -230,7 +256,7 @@ public final class WriteAheadLog: @unchecked Sendable {
             do throws(FileSystemError) { bytes = try fileSystem.readRange(segment.handle, offset: offset, count: end - offset, path: path) } catch { throw .fileSystem(error) }
             let read = bytes.withUnsafeBytes { LogFormat.readRecord($0, at: 0, payloadSizeMax: options.limits.entrySizeMax) }
             switch read {
-            case .record(_, let foundIndex, let term, let payload, _) where foundIndex == index:
+            case .record(.entry, let foundIndex, let term, let payload, _) where foundIndex == index:
                 return LogEntry(index: index, term: term, payload: Array(bytes[payload]))
             case .record, .endOfData, .invalid:
                 throw .corruption(file: path, offset: offset, reason: "entry \(index) no longer reads back intact",
@@ -247,6 +273,7 @@ public final class WriteAheadLog: @unchecked Sendable {
     @discardableResult
     public func removeSegments(through index: LogIndex) throws(StorageError) -> [String] {
         let removed = try table.withLock { table throws(StorageError) -> [String] in
+            if table.isClosed { throw .closed }
             var names: [String] = []
             while table.segments.count > 1, table.segments[0].lastIndex <= index {
                 let segment = table.segments[0]
@@ -266,7 +293,10 @@ public final class WriteAheadLog: @unchecked Sendable {
     // MARK: - Closing
 
     /// Writes and syncs everything queued, stops the writer and closes the files.
+    ///
+    /// Must not be called from a completion, which runs on the writer thread it would wait for.
     public func close() {
+        precondition(Thread.current !== writerThread, "close() from a completion on the log's writer thread would wait for itself")
         queueLock.lock()
         if closed {
             queueLock.unlock()
@@ -279,6 +309,7 @@ public final class WriteAheadLog: @unchecked Sendable {
         writerDone.wait()
         table.withLock { table in
             for segment in table.segments { fileSystem.close(segment.handle) }
+            table.isClosed = true
         }
     }
 
@@ -321,7 +352,7 @@ public final class WriteAheadLog: @unchecked Sendable {
             if batch.isEmpty {
                 // Woken for the everysec timer, or to close.
                 if unsynced {
-                    guard syncCurrent() else { return }
+                    guard syncNewest() else { return }
                     unsynced = false
                     lastSync = .now
                 }
@@ -334,7 +365,7 @@ public final class WriteAheadLog: @unchecked Sendable {
             case .written:
                 unsynced = true
                 if options.fsyncPolicy == .everysec && ContinuousClock.now - lastSync >= interval {
-                    guard syncCurrent() else { return }
+                    guard syncNewest() else { return }
                     unsynced = false
                     lastSync = .now
                 }
@@ -348,6 +379,27 @@ public final class WriteAheadLog: @unchecked Sendable {
 
     private enum BatchOutcome { case durable, written, stopped, noSpace }
 
+    /// A failure on the write path, and whether the log can go on after it.
+    private enum WriteFailure: Error {
+        /// ENOSPC from a write, a preallocation or a segment creation: none of the failed records
+        /// was acknowledged or synced, and the log can go on.
+        case noSpace(FileSystemError)
+        /// Anything else, and every error from fdatasync: the log stops.
+        case fatal(String)
+    }
+
+    /// Runs a write-like call: ENOSPC is recoverable, anything else fatal.
+    private func attempt<T>(_ body: () throws(FileSystemError) -> T) throws(WriteFailure) -> T {
+        do { return try body() } catch {
+            throw error.kind == .noSpace ? .noSpace(error) : .fatal("\(error)")
+        }
+    }
+
+    /// Runs a call whose failure always stops the log (fdatasync above all: never retried).
+    private func attemptFatal<T>(_ body: () throws(FileSystemError) -> T) throws(WriteFailure) -> T {
+        do { return try body() } catch { throw .fatal("\(error)") }
+    }
+
     /// Writes a batch, completing its appends in order. Runs on the writer thread.
     private func write(_ batch: [Pending], buffer: inout [UInt8]) -> BatchOutcome {
         var current = table.withLock { $0.segments[$0.segments.count - 1] }
@@ -355,73 +407,108 @@ public final class WriteAheadLog: @unchecked Sendable {
         var buffered = 0 // batch[completed..<completed + buffered] are in `buffer`
         var offsets: [UInt32] = []
         buffer.removeAll(keepingCapacity: true)
-        do {
+        do throws(WriteFailure) {
             for pending in batch {
                 let size = LogFormat.recordSize(payloadSize: pending.payload.count)
-                if current.dataEnd + buffer.count + size > options.segmentSize, current.offsets.count + offsets.count > 0 {
+                let marker = needsSyncMarker(current) ? LogFormat.syncMarkerSize : 0
+                if current.dataEnd + buffer.count + marker + size > options.segmentSize, current.offsets.count + offsets.count > 0 {
                     try flush(&buffer, offsets: &offsets, into: &current)
-                    try seal(current)
+                    try seal(&current)
                     for done in batch[completed..<(completed + buffered)] { done.completion(.success(done.index)) }
                     completed += buffered
                     buffered = 0
                     current = try startSegment(firstIndex: pending.index)
                 }
+                addSyncMarkerIfNeeded(&buffer, segment: &current)
                 offsets.append(UInt32(current.dataEnd + buffer.count))
                 LogFormat.appendRecord(type: .entry, index: pending.index, term: pending.term, payload: pending.payload, to: &buffer)
                 buffered += 1
             }
             try flush(&buffer, offsets: &offsets, into: &current)
-            if options.fsyncPolicy == .always {
-                try fileSystem.synchronize(current.handle)
-                table.withLock { $0.syncCount += 1 }
-            }
+            if options.fsyncPolicy == .always { try synchronize(&current) }
         } catch {
             let failed = Array(batch[completed...])
-            if error.kind == .noSpace {
-                recoverFromNoSpace(current, error: error, failed: failed)
+            switch error {
+            case .noSpace(let cause):
+                recoverFromNoSpace(cause, failed: failed)
                 return .noSpace
+            case .fatal(let reason):
+                stop(reason: reason, failed: failed)
+                return .stopped
             }
-            stop(reason: "\(error)", failed: failed)
-            return .stopped
         }
         for done in batch[completed...] { done.completion(.success(done.index)) }
         return options.fsyncPolicy == .always ? .durable : .written
     }
 
+    /// Whether a sync has moved the segment's synced end past what its last marker says.
+    private func needsSyncMarker(_ segment: Segment) -> Bool {
+        segment.syncedEnd > max(segment.lastMarker, LogFormat.segmentHeaderSize)
+    }
+
+    /// Puts a sync marker before the next record when a sync has moved the segment's synced end.
+    private func addSyncMarkerIfNeeded(_ buffer: inout [UInt8], segment: inout Segment) {
+        guard needsSyncMarker(segment) else { return }
+        LogFormat.appendSyncMarker(syncedEnd: segment.syncedEnd, to: &buffer)
+        segment.lastMarker = segment.syncedEnd
+    }
+
     /// Writes the buffer at the segment's end and publishes the new records to readers.
-    private func flush(_ buffer: inout [UInt8], offsets: inout [UInt32], into segment: inout Segment) throws(FileSystemError) {
+    private func flush(_ buffer: inout [UInt8], offsets: inout [UInt32], into segment: inout Segment) throws(WriteFailure) {
         guard !buffer.isEmpty else { return }
-        try fileSystem.write(segment.handle, buffer, at: segment.dataEnd)
+        let handle = segment.handle
+        let at = segment.dataEnd
+        try attempt { () throws(FileSystemError) in try fileSystem.write(handle, buffer, at: at) }
         segment.dataEnd += buffer.count
         segment.offsets.append(contentsOf: offsets)
         segment.lastIndex = LogIndex(segment.lastIndex.rawValue + UInt64(offsets.count))
         let published = segment
         let written = UInt64(buffer.count)
         table.withLock { table in
-            table.segments[table.segments.count - 1].dataEnd = published.dataEnd
-            table.segments[table.segments.count - 1].offsets.append(contentsOf: offsets)
-            table.segments[table.segments.count - 1].lastIndex = published.lastIndex
+            let newest = table.segments.count - 1
+            table.segments[newest].dataEnd = published.dataEnd
+            table.segments[newest].offsets.append(contentsOf: offsets)
+            table.segments[newest].lastIndex = published.lastIndex
+            table.segments[newest].lastMarker = published.lastMarker
             table.bytesWritten += written
         }
         buffer.removeAll(keepingCapacity: true)
         offsets.removeAll(keepingCapacity: true)
     }
 
-    /// Syncs a full segment and trims it to its last record, so it holds nothing but records.
-    private func seal(_ segment: Segment) throws(FileSystemError) {
-        try fileSystem.truncate(segment.handle, to: segment.dataEnd)
-        try fileSystem.synchronize(segment.handle)
-        table.withLock { $0.syncCount += 1 }
+    /// fdatasync of the segment; on success its synced end moves to its data end.
+    private func synchronize(_ segment: inout Segment) throws(WriteFailure) {
+        let handle = segment.handle
+        try attemptFatal { () throws(FileSystemError) in try fileSystem.synchronize(handle) }
+        segment.syncedEnd = segment.dataEnd
+        let syncedEnd = segment.syncedEnd
+        table.withLock { table in
+            table.syncCount += 1
+            if table.segments[table.segments.count - 1].handle == handle { table.segments[table.segments.count - 1].syncedEnd = syncedEnd }
+        }
+    }
+
+    /// Trims a full segment to its last record and syncs it: a sealed segment holds nothing but
+    /// records, all durable.
+    private func seal(_ segment: inout Segment) throws(WriteFailure) {
+        let handle = segment.handle
+        let size = segment.dataEnd
+        try attemptFatal { () throws(FileSystemError) in try fileSystem.truncate(handle, to: size) }
+        try synchronize(&segment)
     }
 
     /// Creates the next segment and makes it the current one.
-    private func startSegment(firstIndex: LogIndex) throws(FileSystemError) -> Segment {
-        let segment = try Self.createSegment(directory: directory, firstIndex: firstIndex, fileSystem: fileSystem, size: options.segmentSize)
+    private func startSegment(firstIndex: LogIndex) throws(WriteFailure) -> Segment {
+        let segment = try attempt { () throws(FileSystemError) -> Segment in
+            try Self.createSegment(directory: directory, firstIndex: firstIndex, fileSystem: fileSystem, size: options.segmentSize)
+        }
         table.withLock { $0.segments.append(segment) }
         return segment
     }
 
-    /// Creates a segment file: header, preallocation, sync, directory sync. On failure nothing is left behind.
+    /// Creates a segment file: header, preallocation, sync, directory sync. On ENOSPC the file is
+    /// removed again (and the removal synced); if that cleanup fails the error is not ENOSPC, so
+    /// the writer stops rather than leave a stray segment behind.
     static func createSegment(directory: String, firstIndex: LogIndex, fileSystem: any FileSystem, size: Int) throws(FileSystemError) -> Segment {
         let name = LogFormat.segmentName(firstIndex: firstIndex)
         let path = joinPath(directory, name)
@@ -434,60 +521,90 @@ public final class WriteAheadLog: @unchecked Sendable {
         } catch {
             fileSystem.close(handle)
             if error.kind == .noSpace {
-                // The segment never held a record; removing it gives the space back. If even that
-                // fails, recovery discards a newest segment without records anyway.
-                do { try fileSystem.remove(path) } catch let removal {
-                    throw FileSystemError(kind: error.kind, errno: error.errno, operation: error.operation,
-                                          path: "\(error.path) (and removing it failed: \(removal))")
+                do {
+                    try fileSystem.remove(path)
+                    try fileSystem.synchronizeDirectory(directory)
+                } catch let removal {
+                    throw FileSystemError(kind: .other, errno: removal.errno, operation: removal.operation,
+                                          path: "\(removal.path) (removing a segment after: \(error))")
                 }
             }
             throw error
         }
+        let header = LogFormat.segmentHeaderSize
         return Segment(name: name, handle: handle, firstIndex: firstIndex, lastIndex: LogIndex(firstIndex.rawValue - 1),
-                       dataEnd: LogFormat.segmentHeaderSize, offsets: [])
+                       dataEnd: header, offsets: [], syncedEnd: header, lastMarker: header)
     }
 
-    /// Syncs the current segment (everysec, never at close). Returns false if the log stopped.
-    private func syncCurrent() -> Bool {
-        let handle = table.withLock { $0.segments[$0.segments.count - 1].handle }
+    /// Syncs the newest segment (everysec, never at close). Returns false if the log stopped.
+    private func syncNewest() -> Bool {
+        var newest = table.withLock { $0.segments[$0.segments.count - 1] }
         do {
-            try fileSystem.synchronize(handle)
-            table.withLock { $0.syncCount += 1 }
+            try synchronize(&newest)
             return true
         } catch {
-            stop(reason: "\(error)", failed: [])
+            switch error {
+            case .noSpace(let cause): stop(reason: "\(cause)", failed: [])
+            case .fatal(let reason): stop(reason: reason, failed: [])
+            }
             return false
         }
     }
 
-    /// ENOSPC: fail the batch's rest and the queue, cut the segment back to its last record.
-    private func recoverFromNoSpace(_ current: Segment, error: FileSystemError, failed: [Pending]) {
-        let published = table.withLock { $0.segments[$0.segments.count - 1] }
-        var abandoned: [Pending] = []
+    /// ENOSPC: fail the batch's rest and the queue, cut the segment back to its last acknowledged
+    /// record (the table holds exactly the acknowledged ones), and go on.
+    private func recoverFromNoSpace(_ error: FileSystemError, failed: [Pending]) {
+        let newest = table.withLock { $0.segments[$0.segments.count - 1] }
         queueLock.lock()
-        abandoned = Array(queue)
+        let abandoned = Array(queue)
         queue.removeAll()
         queuedBytes = 0
-        nextIndex = published.lastIndex.next
+        nextIndex = newest.lastIndex.next
         queueLock.unlock()
-        do {
-            try fileSystem.truncate(published.handle, to: published.dataEnd)
-            try fileSystem.synchronize(published.handle)
-        } catch let cleanup {
-            stop(reason: "after a full disk (\(error)), cutting the log back to its last record failed: \(cleanup)", failed: failed + abandoned)
+        do throws(FileSystemError) {
+            try fileSystem.truncate(newest.handle, to: newest.dataEnd)
+        } catch {
+            stop(reason: "after a full disk (\(error)), cutting the log back to its last record failed: \(error)", failed: failed + abandoned)
+            return
+        }
+        do throws(FileSystemError) {
+            // Preallocate again if there is room; without it appends still work, only slower.
+            try fileSystem.allocate(newest.handle, offset: 0, length: max(options.segmentSize, newest.dataEnd))
+        } catch where error.kind == .noSpace {
+            // Still full: the segment stays unpreallocated until a later rotation.
+        } catch {
+            stop(reason: "after a full disk, preallocating the segment again failed: \(error)", failed: failed + abandoned)
             return
         }
         for pending in failed + abandoned { pending.completion(.failure(.noSpace(error))) }
     }
 
-    /// A fatal error: refuse everything from now on and fail what is waiting.
+    /// A fatal error: refuse everything from now on, fail what is waiting, and cut the newest
+    /// segment back to its synced end. After a failed writeback Linux keeps the unsynced bytes
+    /// readable but no longer dirty, so without the cut a restart of the process would read back
+    /// and replay writes that were never durable, and a power loss later would lose them under
+    /// newer, synced records.
     private func stop(reason: String, failed: [Pending]) {
+        var why = reason
+        let newest = table.withLock { $0.segments[$0.segments.count - 1] }
+        do throws(FileSystemError) {
+            if newest.syncedEnd < newest.dataEnd { try fileSystem.truncate(newest.handle, to: newest.syncedEnd) }
+            table.withLock { table in
+                let last = table.segments.count - 1
+                let kept = table.segments[last].offsets.prefix { Int($0) < newest.syncedEnd }.count
+                table.segments[last].offsets.removeLast(table.segments[last].offsets.count - kept)
+                table.segments[last].lastIndex = LogIndex(table.segments[last].firstIndex.rawValue - 1 + UInt64(kept))
+                table.segments[last].dataEnd = newest.syncedEnd
+            }
+        } catch {
+            why += "; cutting the unsynced tail off also failed (\(error)): do not restart before checking the disk"
+        }
         queueLock.lock()
-        runState = .stopped(reason)
+        runState = .stopped(why)
         let abandoned = Array(queue)
         queue.removeAll()
         queuedBytes = 0
         queueLock.unlock()
-        for pending in failed + abandoned { pending.completion(.failure(.stopped(reason: reason))) }
+        for pending in failed + abandoned { pending.completion(.failure(.stopped(reason: why))) }
     }
 }

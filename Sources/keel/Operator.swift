@@ -116,6 +116,12 @@ struct Recover: ParsableCommand {
     }
 
     func run() throws {
+        guard FileManager.default.fileExists(atPath: directory) else {
+            throw StorageError.fileSystem(FileSystemError(kind: .notFound, errno: 2, operation: "open data directory", path: directory))
+        }
+        // The lock is held from planning to the end, so nothing writes between the two.
+        let locked = try DataDirectory(path: directory, fileSystem: POSIXFileSystem())
+        defer { locked.unlock() }
         let inspection = try Inspector.inspect(path: directory, progress: Progress(label: "reading").callAsFunction)
         let plan: RepairPlan
         if let toIndex {
@@ -137,7 +143,7 @@ struct Recover: ParsableCommand {
                 throw ExitCode(2)
             }
         }
-        try Repair.execute(plan, path: directory)
+        try Repair.execute(plan, directory: locked)
         print("done; if this was interrupted, run the same command again")
     }
 }

@@ -125,10 +125,13 @@ struct SegmentScannerTests {
         #expect(offset == cut && scan.lastIndex == LogIndex(14))
     }
 
-    @Test("a bad record followed by a valid one is corruption, not a torn tail")
-    func corruptionBeforeValidRecords() {
+    @Test("a bad record followed by a sync marker that vouches for it is corruption")
+    func corruptionBeforeTheSyncedEnd() {
         var bytes = segment(first: 10, count: 5)
         let secondRecord = LogFormat.segmentHeaderSize + LogFormat.recordHeaderSize + 50
+        let syncedEnd = bytes.count
+        LogFormat.appendSyncMarker(syncedEnd: syncedEnd, to: &bytes)
+        LogFormat.appendRecord(type: .entry, index: LogIndex(15), term: Term(1), payload: [1, 2, 3], to: &bytes)
         bytes[secondRecord + 30] ^= 0x04
         let scan = SegmentScanner.scan(bytes, name: name, isNewest: true, limits: Limits())
         guard case .corrupt(let offset, let reason) = scan.ending else {
@@ -136,7 +139,26 @@ struct SegmentScannerTests {
             return
         }
         #expect(offset == secondRecord)
-        #expect(reason.contains("checksum mismatch"))
+        #expect(reason.contains("checksum mismatch") && reason.contains("synced"))
+    }
+
+    @Test("valid records after a bad one but past every sync marker are an unsynced tail that reached the disk out of order")
+    func outOfOrderUnsyncedTail() {
+        var bytes = segment(first: 10, count: 3)
+        let syncedEnd = bytes.count
+        LogFormat.appendSyncMarker(syncedEnd: syncedEnd, to: &bytes)
+        let hole = bytes.count
+        for i in 13..<20 {
+            LogFormat.appendRecord(type: .entry, index: LogIndex(UInt64(i)), term: Term(1), payload: [UInt8](repeating: 7, count: 100), to: &bytes)
+        }
+        // The page holding records 13 and 14 never reached the disk; later ones did.
+        for i in hole..<(hole + 200) { bytes[i] = 0 }
+        let scan = SegmentScanner.scan(bytes, name: name, isNewest: true, limits: Limits())
+        guard case .tornTail(let offset, _) = scan.ending else {
+            Issue.record("expected a torn tail, got \(scan.ending)")
+            return
+        }
+        #expect(offset == hole && scan.lastIndex == LogIndex(12) && scan.syncedEnd == syncedEnd)
     }
 
     @Test("any damage in a sealed segment is corruption, even at its end")

@@ -94,17 +94,18 @@ struct ProcessTests {
         defer { try? FileManager.default.removeItem(atPath: path) }
         let segments = try FileManager.default.contentsOfDirectory(atPath: path + "/log").sorted()
         let damaged = segments[segments.count / 2]
-        let offset = LogFormat.segmentHeaderSize + 2 * (LogFormat.recordHeaderSize + MapStateMachine.add(bytes("n0"), 0).count) + 10
-        try flipByte(path + "/log/" + damaged, at: UInt64(offset))
+        let segmentBytes = try Array(Data(contentsOf: URL(fileURLWithPath: path + "/log/" + damaged)))
+        let record = Int(SegmentScanner.scan(segmentBytes, name: damaged, isNewest: false, limits: Limits()).offsets[2])
+        try flipByte(path + "/log/" + damaged, at: UInt64(record + 10))
 
         let verify = try run("keel", ["verify", path])
         #expect(verify.status == 1)
-        #expect(verify.output.contains("log/\(damaged) at offset \(offset - 10)"), "\(verify.output)")
+        #expect(verify.output.contains("log/\(damaged) at offset \(record)"), "\(verify.output)")
         #expect(throws: StorageError.self) { try MapStore(path: path, options: smallOptions(segmentSize: 4096), logger: quietLogger) }
 
         let refused = try run("keel", ["recover", path, "--truncate-after-corruption"])
         #expect(refused.status == 2 && refused.output.contains("pass --yes"))
-        #expect(refused.output.contains("cut log/\(damaged) to \(offset - 10) bytes"), "the plan is printed first: \(refused.output)")
+        #expect(refused.output.contains("cut log/\(damaged) to \(record) bytes"), "the plan is printed first: \(refused.output)")
         #expect(try run("keel", ["verify", path]).status == 1, "nothing changed without confirmation")
 
         let repaired = try run("keel", ["recover", path, "--truncate-after-corruption", "--yes"])
