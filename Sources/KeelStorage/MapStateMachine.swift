@@ -8,8 +8,8 @@
 //   0x01 set    key (u32 length + bytes), value (u32 length + bytes)   -> .done
 //   0x02 delete key                                                    -> .existed(Bool)
 //   0x03 add    key, delta (i64)  value as 8-byte little-endian i64    -> .number(new value)
-// Checkpoint body: count (u64), then per pair key and value, each u32 length + bytes, in the
-// dictionary's order (unspecified; the decoder does not depend on it).
+// Checkpoint body: count (u64), then per pair key and value, each u32 length + bytes, in
+// ascending byte order of the keys, so equal states give equal checkpoint bytes.
 
 import HashTreeCollections
 import KeelCore
@@ -31,9 +31,11 @@ public struct MapStateMachine: DurableStateMachine, Sendable {
 
         public func writeCheckpoint(to sink: inout CheckpointSink) throws(StorageError) {
             try sink.write(UInt64(pairs.count))
-            for (key, value) in pairs {
+            // In key order, so the same state always gives the same bytes (hash order changes
+            // from process to process). The sort runs on the checkpoint thread, off the write path.
+            for key in pairs.keys.sorted(by: { $0.lexicographicallyPrecedes($1) }) {
                 try sink.writeLengthPrefixed(key)
-                try sink.writeLengthPrefixed(value)
+                try sink.writeLengthPrefixed(pairs[key]!)
             }
         }
     }

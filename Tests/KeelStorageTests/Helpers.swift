@@ -83,10 +83,19 @@ final class GatedFileSystem: FileSystem, @unchecked Sendable {
     let inner: SimulatedFileSystem
     private let lock = NSLock()
     private var gateArmed = false
+    private var gateTaken = false
     let entered = DispatchSemaphore(value: 0)
     let release = DispatchSemaphore(value: 0)
 
     init(_ inner: SimulatedFileSystem) { self.inner = inner }
+
+    /// Whether a synchronize is being held at the gate (for async tests, which must not block).
+    var hasEntered: Bool { lock.withLock { gateTaken } }
+
+    /// Waits, without blocking a thread of the cooperative pool, until a synchronize is held.
+    func waitUntilEntered() async throws {
+        while !hasEntered { try await Task.sleep(for: .milliseconds(1)) }
+    }
 
     /// The next synchronize signals `entered` and waits for `release`.
     func armGate() { lock.withLock { gateArmed = true } }
@@ -97,6 +106,7 @@ final class GatedFileSystem: FileSystem, @unchecked Sendable {
             return gateArmed
         }
         if gated {
+            lock.withLock { gateTaken = true }
             entered.signal()
             release.wait()
         }

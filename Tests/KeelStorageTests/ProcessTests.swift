@@ -143,3 +143,18 @@ struct ProcessTests {
         #expect(notNumber.status != 0)
     }
 }
+
+@Suite("Operator commands and the lock")
+struct OperatorLockTests {
+    @Test("keel recover refuses a directory another process holds, and changes nothing")
+    func recoverNeedsTheLock() async throws {
+        let path = temporaryDirectory("locked")
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let store = try MapStore(path: path, options: smallOptions(), logger: quietLogger)
+        _ = try await store.execute(Command.set("a", "1").encoded)
+        let result = try run("keel", ["recover", path, "--to-index", "0", "--yes"])
+        #expect(result.status != 0 && result.output.contains("in use by another process"), "\(result.output)")
+        #expect(contents(store) == ["a": "1"])
+        store.close()
+    }
+}

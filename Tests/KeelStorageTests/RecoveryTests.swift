@@ -409,3 +409,159 @@ struct StoreTests {
         #expect(contents(reopened) == model(of: commands))
     }
 }
+
+@Suite("Faults found in review")
+struct ReviewFaultTests {
+    @Test("ENOSPC from fdatasync is a failed fsync: fatal, nothing applied, nothing replayed")
+    func noSpaceFromFdatasyncIsFatal() async throws {
+        let fs = SimulatedFileSystem(seed: 31)
+        let store = try openStore(fs)
+        for i in 0..<5 { _ = try await store.execute(Command.set("s\(i)", "v").encoded) }
+        fs.failNextSyncs(1, kind: .noSpace)
+        do {
+            _ = try await store.execute(Command.set("lost", "x").encoded)
+            Issue.record("a write whose fdatasync failed was acknowledged")
+        } catch {
+            guard case .stopped = error else {
+                Issue.record("expected .stopped, got \(error)")
+                return
+            }
+        }
+        await #expect(throws: StorageError.self) { try await store.execute(Command.set("after", "y").encoded) }
+        #expect(contents(store)["lost"] == nil)
+        store.close()
+        // A restart of the process alone (no machine crash): the page cache still held the bytes.
+        let reopened = try openStore(fs)
+        defer { reopened.close() }
+        #expect(contents(reopened)["lost"] == nil, "a write that failed must not come back")
+        #expect(reopened.appliedIndex == LogIndex(5))
+    }
+
+    @Test("after a failed fsync, restarting the process does not replay the failed writes from the page cache")
+    func failedFsyncNotReplayed() async throws {
+        let fs = SimulatedFileSystem(seed: 32)
+        let store = try openStore(fs)
+        var commands: [Command] = []
+        for i in 0..<8 {
+            let command = Command.set("s\(i)", "v\(i)")
+            _ = try await store.execute(command.encoded)
+            commands.append(command)
+        }
+        fs.failNextSyncs()
+        await #expect(throws: StorageError.self) { try await store.execute(Command.set("failed", "x").encoded) }
+        store.close()
+        let reopened = try openStore(fs)
+        #expect(contents(reopened) == model(of: commands))
+        // Later synced writes must not sit behind a hole that a power loss would open.
+        _ = try await reopened.execute(Command.set("later", "y").encoded)
+        reopened.close()
+        fs.crash()
+        fs.restart()
+        let afterPowerLoss = try openStore(fs)
+        defer { afterPowerLoss.close() }
+        var expected = model(of: commands)
+        expected["later"] = "y"
+        #expect(contents(afterPowerLoss) == expected)
+    }
+
+    @Test("checkpoint() called while one runs returns a checkpoint taken after the call")
+    func laterCheckpointCallersGetANewerOne() async throws {
+        let simulated = SimulatedFileSystem(seed: 33)
+        let fs = GatedFileSystem(simulated)
+        let store = try openStore(fs)
+        defer { store.close() }
+        for i in 0..<10 { _ = try await store.execute(Command.set("s\(i)", "v").encoded) }
+        fs.armGate() // the first checkpoint's fdatasync waits here
+        let first = Task { try await store.checkpoint() }
+        try await fs.waitUntilEntered()
+        // Writes acknowledged while the first checkpoint runs...
+        for i in 10..<15 { _ = try await store.execute(Command.set("s\(i)", "v").encoded) }
+        // ...must be in a checkpoint asked for after them.
+        let second = Task { try await store.checkpoint() }
+        try await Task.sleep(for: .milliseconds(20))
+        fs.release.signal()
+        let (a, b) = (try await first.value, try await second.value)
+        #expect(a.index == LogIndex(10))
+        #expect(b.index == LogIndex(15))
+    }
+
+    @Test("damage in a segment the newest checkpoint covers is reported and the start goes on, losing nothing")
+    func damageInCoveredSegment() async throws {
+        let fs = SimulatedFileSystem(seed: 34)
+        let store = try openStore(fs)
+        var commands: [Command] = []
+        for round in 0..<3 {
+            for i in 0..<120 {
+                let command = Command.add("n\(i % 4)", Int64(round + i))
+                _ = try await store.execute(command.encoded)
+                commands.append(command)
+            }
+            _ = try await store.checkpoint()
+        }
+        for i in 0..<30 {
+            let command = Command.set("s\(i)", "tail")
+            _ = try await store.execute(command.encoded)
+            commands.append(command)
+        }
+        store.close()
+        let segments = try fs.contentsOfDirectory("/data/log").sorted()
+        #expect(segments.count >= 3)
+        fs.corrupt(path: "/data/log/" + segments[0], offset: LogFormat.segmentHeaderSize + 40)
+
+        let inspection = try Inspector.inspect(path: "/data", fileSystem: fs)
+        #expect(!inspection.isClean)
+        let plan = Repair.planCorruptionTruncation(inspection: inspection)
+        #expect(plan.truncate == nil && plan.droppedEntries == nil, "covered damage costs no entries: \(plan)")
+        #expect(plan.removeSegments.contains(segments[0]))
+
+        let reopened = try openStore(fs)
+        defer { reopened.close() }
+        #expect(contents(reopened) == model(of: commands))
+        #expect(reopened.recoveryReport.warnings.contains { $0.contains("covers") })
+        #expect(reopened.recoveryReport.removedSegments.contains(segments[0]))
+    }
+
+    @Test("after falling back from a damaged checkpoint, pruning never keeps the damaged one in place of a valid one")
+    func pruningKeepsValidCheckpoints() async throws {
+        let fs = SimulatedFileSystem(seed: 35)
+        let store = try openStore(fs)
+        for round in 0..<2 {
+            for i in 0..<50 { _ = try await store.execute(Command.set("s\(i)", "\(round)").encoded) }
+            _ = try await store.checkpoint()
+        }
+        store.close()
+        let damaged = try CheckpointStore(directory: "/data/checkpoints", fileSystem: fs).list()[0]
+        fs.corrupt(path: "/data/checkpoints/" + damaged.name, offset: CheckpointFormat.headerSize + 1)
+        let reopened = try openStore(fs)
+        defer { reopened.close() }
+        for i in 0..<50 { _ = try await reopened.execute(Command.set("s\(i)", "new").encoded) }
+        let newest = try await reopened.checkpoint()
+        let checkpoints = CheckpointStore(directory: "/data/checkpoints", fileSystem: fs)
+        let kept = try checkpoints.list()
+        #expect(!kept.contains { $0.name == damaged.name }, "the damaged checkpoint is removed, not kept")
+        for file in kept {
+            guard case .success = try checkpoints.load(file) else {
+                Issue.record("kept an invalid checkpoint \(file.name)")
+                continue
+            }
+        }
+        #expect(kept.first?.index == newest.index && kept.count == 2)
+    }
+
+    @Test("a file named like segment 0 is not a segment, and does not trap inspection or recovery")
+    func segmentZeroIsIgnored() async throws {
+        let fs = SimulatedFileSystem(seed: 36)
+        _ = try await { () async throws in
+            let store = try openStore(fs)
+            _ = try await store.execute(Command.set("a", "1").encoded)
+            store.close()
+        }()
+        let handle = try fs.open("/data/log/00000000000000000000.seg", options: [.create])
+        try fs.write(handle, LogFormat.encodeSegmentHeader(firstIndex: .zero), at: 0)
+        fs.close(handle)
+        _ = try Inspector.inspect(path: "/data", fileSystem: fs)
+        let store = try openStore(fs)
+        defer { store.close() }
+        #expect(contents(store) == ["a": "1"])
+    }
+}
