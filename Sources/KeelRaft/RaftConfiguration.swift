@@ -13,9 +13,10 @@ public enum ReadConsistency: Sendable, Equatable {
 
 /// Faults that can be switched on to prove the checkers catch them. Never set outside tests.
 public struct RaftFaults: Sendable, Equatable {
-    /// Grant a vote even after voting for another candidate in the same term (breaks §5.2).
+    /// A follower grants a vote even after voting for another candidate in the same term (breaks §5.2).
     public var voteTwiceInTerm = false
-    /// Commit by counting replicas of entries from older terms (breaks §5.4.2).
+    /// Commit by counting replicas of entries from older terms (breaks §5.4.2), and skip the
+    /// no-op a new leader appends (which would otherwise hide the fault, as in the paper's Figure 8).
     public var commitEntriesOfOlderTerms = false
     /// Answer read-index requests at once from the local commit index, on any node (breaks §6.4).
     public var readWithoutReadIndex = false

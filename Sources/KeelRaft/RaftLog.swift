@@ -87,7 +87,9 @@ struct RaftLog {
         guard matchTerm(index, logTerm) else { return nil }
         let lastNew = LogIndex(index.rawValue + UInt64(entries.count))
         if let conflict = findConflict(entries) {
-            precondition(conflict > committed, "a committed entry \(conflict) conflicts with the leader's log (§5.4 violated)")
+            // A conflict at or below the commit index means §5.4 broke somewhere (only a deliberate
+            // fault gets here); the entry is refused rather than a committed one overwritten.
+            guard conflict > committed else { return nil }
             append(Array(entries[Int(conflict.rawValue - index.rawValue - 1)...]))
         }
         commit(to: min(leaderCommit, lastNew))

@@ -285,7 +285,8 @@ public final class RaftNode {
         // Any configuration change in the uncommitted tail is pending until it commits.
         pendingConfigurationIndex = log.lastIndex
         // A no-op entry of the new term lets the leader commit, and learn what is committed (§8).
-        appendEntries([Entry(index: .zero, term: .zero)])
+        // (The fault for checker tests leaves it out, as in the paper's Figure 8.)
+        if !configuration.faults.commitEntriesOfOlderTerms { appendEntries([Entry(index: .zero, term: .zero)]) }
     }
 
     // MARK: - Elections (§5.2, pre-vote §9.6)
@@ -666,7 +667,7 @@ public final class RaftNode {
         let canVote = votedFor == message.from
             || (votedFor == nil && leader == nil)
             || (isPreVote && message.term > term)
-            || configuration.faults.voteTwiceInTerm
+            || (configuration.faults.voteTwiceInTerm && role == .follower)
         let responseKind: MessageKind = isPreVote ? .preVoteResponse : .requestVoteResponse
         if canVote && log.isUpToDate(lastIndex: message.index, lastTerm: message.logTerm) && membership.isVoter(id) {
             // A granted pre-vote answers in the term asked about, so the pre-candidate can count it.
@@ -894,28 +895,45 @@ public final class RaftNode {
 
     // MARK: - Invariants
 
-    /// Traps if an internal invariant is broken. Tests and the simulator call it after every step.
+    /// Traps if an internal invariant is broken. Tests call it after every step.
     public func checkInvariants() {
-        log.checkInvariants()
-        precondition(log.committed >= highestCommitSeen, "the commit index went backwards")
+        let problems = invariantViolations()
+        precondition(problems.isEmpty, "raft invariant broken on node \(id): \(problems.joined(separator: "; "))")
+    }
+
+    /// The internal invariants that do not hold (empty when all do). The simulator calls it after
+    /// every step and reports what it returns, so that a deliberate fault is reported, not trapped.
+    public func invariantViolations() -> [String] {
+        var problems: [String] = []
+        func require(_ condition: Bool, _ message: @autoclosure () -> String) {
+            if !condition { problems.append(message()) }
+        }
+        require(log.applied <= log.committed, "applied \(log.applied) > committed \(log.committed)")
+        require(log.committed <= log.lastIndex, "committed \(log.committed) > last index \(log.lastIndex)")
+        require(log.committed >= highestCommitSeen, "the commit index went back from \(highestCommitSeen) to \(log.committed)")
         highestCommitSeen = max(highestCommitSeen, log.committed)
-        precondition(term >= previousHardState.term, "the term went backwards")
+        require(term >= previousHardState.term, "the term went backwards")
         switch role {
         case .leader:
-            precondition(leader == id, "a leader must know it leads")
-            precondition(votedFor == id, "a leader voted for itself")
-            for (member, entry) in progress {
-                precondition(membership.contains(member), "progress for non-member \(member)")
-                precondition(entry.matchIndex < entry.nextIndex, "match \(entry.matchIndex) >= next \(entry.nextIndex) for \(member)")
-                precondition(entry.matchIndex <= log.lastIndex, "match past the leader's log for \(member)")
+            require(leader == id, "a leader must know it leads")
+            require(votedFor == id, "a leader voted for itself")
+            for member in membership.all {
+                guard let entry = progress[member] else {
+                    problems.append("no progress for member \(member)")
+                    continue
+                }
+                require(entry.matchIndex < entry.nextIndex, "match \(entry.matchIndex) >= next \(entry.nextIndex) for \(member)")
+                require(entry.matchIndex <= log.lastIndex, "match past the leader's log for \(member)")
             }
+            require(progress.keys.allSatisfy { membership.contains($0) }, "progress for a non-member")
         case .candidate:
-            precondition(votedFor == id, "a candidate votes for itself")
-            precondition(leader == nil, "a candidate knows no leader")
+            require(votedFor == id, "a candidate votes for itself")
+            require(leader == nil, "a candidate knows no leader")
         case .preCandidate:
-            precondition(leader == nil, "a pre-candidate knows no leader")
+            require(leader == nil, "a pre-candidate knows no leader")
         case .follower:
             break
         }
+        return problems
     }
 }

@@ -92,7 +92,8 @@ public final class MemoryRaftStorage: RaftStorage {
         guard let first = newEntries.first else { return }
         precondition(first.index > snapshot.index, "appending below the snapshot")
         precondition(first.index <= lastIndex.next, "appending past the end leaves a gap")
-        entries.removeLast(Int(lastIndex.rawValue - first.index.rawValue + 1))
+        let replaced = Int(lastIndex.rawValue) - Int(first.index.rawValue) + 1
+        if replaced > 0 { entries.removeLast(replaced) }
         entries.append(contentsOf: newEntries)
     }
 
