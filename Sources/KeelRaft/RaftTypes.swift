@@ -180,6 +180,11 @@ public struct IncomingSnapshotChunk: Sendable, Equatable {
 public struct ReadState: Sendable, Equatable {
     public var index: LogIndex
     public var context: [UInt8]
+
+    public init(index: LogIndex, context: [UInt8]) {
+        self.index = index
+        self.context = context
+    }
 }
 
 /// A node's role.
