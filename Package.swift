@@ -79,6 +79,7 @@ let package = Package(
         .testTarget(
             name: "KeelRaftTests",
             dependencies: ["KeelCore", "KeelRaft", "KeelSimulation"],
+            exclude: ["Scenarios"],
             swiftSettings: strict
         ),
         .testTarget(

@@ -76,6 +76,8 @@ public struct RaftConfiguration: Sendable, Equatable {
 public enum RaftError: Error, Sendable, Equatable, CustomStringConvertible {
     /// No leader is known, so the proposal or read cannot go anywhere. Try again after an election.
     case noLeader
+    /// The call must be made on the leader; this node is not it (the leader it knows, if any).
+    case notLeader(NodeID?)
     /// The leader is handing over to another node and takes no proposals meanwhile.
     case leadershipTransferInProgress
     /// This node is not a member.
@@ -94,6 +96,7 @@ public enum RaftError: Error, Sendable, Equatable, CustomStringConvertible {
     public var description: String {
         switch self {
         case .noLeader: "raft: no leader is known"
+        case .notLeader(let leader): "raft: this node is not the leader" + (leader.map { " (node \($0) is)" } ?? "")
         case .leadershipTransferInProgress: "raft: leadership is being transferred"
         case .notMember: "raft: this node is not a member"
         case .configurationChangeInProgress: "raft: a membership change is already in progress"

@@ -142,7 +142,7 @@ public final class RaftNode {
 
     /// Asks the leader to hand leadership to `target` (dissertation §3.10).
     public func transferLeadership(to target: NodeID) throws(RaftError) {
-        guard role == .leader else { throw .noLeader }
+        guard role == .leader else { throw .notLeader(leader) }
         guard target != id, membership.isVoter(target) else {
             throw .invalidConfiguration("node \(target) is not another voter")
         }

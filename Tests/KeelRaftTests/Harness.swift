@@ -54,9 +54,11 @@ final class TestCluster {
 
     subscript(_ id: UInt64) -> TestNode { nodes[NodeID(id)]! }
 
-    /// Adds a node that is not yet a member (it joins through a membership change).
+    /// Adds a node that is not yet a member; it joins through a membership change. Like a joining
+    /// etcd member, it starts knowing the cluster's current membership.
     func addNode(_ id: UInt64, configure: (inout RaftConfiguration) -> Void = { _ in }) {
-        let node = TestNode(id: NodeID(id), membership: Membership(voters: []), configure: configure)
+        let membership = leader?.status.membership ?? Membership(voters: [])
+        let node = TestNode(id: NodeID(id), membership: membership, configure: configure)
         nodes[NodeID(id)] = node
         ids.append(NodeID(id))
     }
