@@ -5,13 +5,14 @@
 import ArgumentParser
 import Foundation
 import KeelCore
+import KeelSimulation
 import KeelStorage
 import Logging
 
 struct Bench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Benchmarks of the storage engine (build with -c release).",
-        subcommands: [AppendBench.self, RecoveryBench.self, CheckpointBench.self])
+        subcommands: [AppendBench.self, RecoveryBench.self, CheckpointBench.self, RaftBench.self])
 }
 
 /// A state machine that only counts, so a benchmark measures the log and not a data structure.
@@ -176,6 +177,26 @@ func populate(_ store: DurableStore<MapStateMachine>, keys: Int, valueSize: Int)
                 next += 1
             }
         }
+    }
+}
+
+struct RaftBench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "raft",
+        abstract: "Committed proposals per second of a 3-node Raft cluster in memory on one thread (the core's ceiling).",
+        discussion: "bench/raft-allocations.sh runs it under valgrind to count heap allocations per committed entry.")
+
+    @Option(help: "Entries to commit.") var entries = 500_000
+    @Option(help: "Proposals per batch.") var batch = 64
+    @Option(help: "Bytes per proposal.") var size = 100
+    @Option(help: "Nodes.") var nodes = 3
+
+    func run() throws {
+        let started = ContinuousClock.now
+        let committed = try RaftBenchmark.run(nodes: nodes, entries: entries, size: size, batch: batch)
+        let elapsed = secondsIn(ContinuousClock.now - started)
+        print(String(format: "raft core: %d nodes, %d entries of %d bytes committed in %.2f s: %.0f entries/s (batches of %d, one thread, no I/O)",
+                     nodes, committed, size, elapsed, Double(committed) / elapsed, batch))
     }
 }
 
