@@ -88,6 +88,12 @@ struct Progress {
         return true
     }
 
+    /// After a reply from a follower whose window of unanswered appends is full: forget the oldest
+    /// (it was lost, or the reply would have freed it), so one more append can go.
+    mutating func freeOldestInflightIfFull(_ inflightMax: Int) {
+        if state == .replicate, inflight.count >= inflightMax { inflight.removeFirst() }
+    }
+
     /// Whether no more AppendEntries may be sent now.
     func isPaused(inflightMax: Int) -> Bool {
         switch state {

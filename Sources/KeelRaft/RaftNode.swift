@@ -13,6 +13,8 @@ public final class RaftNode {
     static let transferContext = Array("keel-transfer".utf8)
 
     struct ReadRequest {
+        /// The leader's own number for the request; heartbeats carry it, so contexts need not be unique.
+        var id: UInt64
         var index: LogIndex
         var context: [UInt8]
         var requester: NodeID
@@ -44,9 +46,14 @@ public final class RaftNode {
     private var pendingConfigurationIndex = LogIndex.zero
     private var uncommittedSize = 0
     private var pendingReads: [ReadRequest] = []
+    private var nextReadID: UInt64 = 1
     private var readsAwaitingCommit: [(context: [UInt8], requester: NodeID)] = []
     private var incomingSnapshot: (metadata: SnapshotMetadata, received: Int)?
     private var snapshotResendTicks: [NodeID: Int] = [:]
+    /// Ticks counted while leading; heartbeats carry the count and replies echo it (lease reads).
+    private var leaderTicks: UInt64 = 0
+    /// For each member, the newest heartbeat tick it acknowledged in this term.
+    private var heartbeatAcknowledged: [NodeID: UInt64] = [:]
 
     // Output, handed out by ready()
     private var messages: [Message] = []
@@ -109,19 +116,26 @@ public final class RaftNode {
     /// - Throws: as `propose`, and `.configurationChangeInProgress`, `.leaderNotReady`, or
     ///   `.invalidConfiguration` for a change that would leave no voter.
     public func proposeConfigurationChange(_ change: ConfigurationChange) throws(RaftError) {
+        try validate(change)
+        try proposeEntry(Entry(index: .zero, term: .zero, kind: .configurationChange, data: change.encoded))
+        afterInput()
+    }
+
+    /// Checks a change against the membership this node knows (the leader checks again).
+    private func validate(_ change: ConfigurationChange) throws(RaftError) {
         if change.kind == .remove, membership.voters == [change.node] {
             throw .invalidConfiguration("removing the last voter would leave no one to elect a leader")
         }
         if change.kind == .promoteLearner, !membership.isLearner(change.node) {
             throw .invalidConfiguration("node \(change.node) is not a learner")
         }
-        try proposeEntry(Entry(index: .zero, term: .zero, kind: .configurationChange, data: change.encoded))
-        afterInput()
+        if change.node.rawValue == 0 { throw .invalidConfiguration("node id 0 is reserved") }
     }
 
     /// Asks for a read index (linearizable read, dissertation §6.4). A `ReadState` with the same
     /// context comes back in a later `Ready`; serve the read once that index is applied.
     public func readIndex(context: [UInt8]) throws(RaftError) {
+        guard !context.isEmpty else { throw .invalidMessage("a read needs a non-empty context to be matched with its answer") }
         defer { afterInput() }
         if configuration.faults.readWithoutReadIndex {
             readStates.append(ReadState(index: log.committed, context: context))
@@ -248,6 +262,7 @@ public final class RaftNode {
         pendingReads = []
         readsAwaitingCommit = []
         snapshotResendTicks = [:]
+        heartbeatAcknowledged = [:]
         progress = [:]
         for member in membership.all {
             var entry = Progress(nextIndex: log.lastIndex.next, isLearner: membership.isLearner(member))
@@ -351,6 +366,7 @@ public final class RaftNode {
     // MARK: - Leader duties
 
     private func tickHeartbeat() {
+        leaderTicks += 1
         heartbeatElapsed += 1
         electionElapsed += 1
         if electionElapsed >= configuration.electionTicks {
@@ -365,7 +381,7 @@ public final class RaftNode {
         guard role == .leader else { return }
         if heartbeatElapsed >= configuration.heartbeatTicks {
             heartbeatElapsed = 0
-            broadcastHeartbeat(context: pendingReads.last?.context ?? [])
+            broadcastHeartbeat(context: pendingReads.last.map { Self.readContext($0.id) } ?? [])
         }
     }
 
@@ -384,6 +400,8 @@ public final class RaftNode {
         case .leader:
             if leadTransferee != nil { throw .leadershipTransferInProgress }
             if entry.kind == .configurationChange {
+                guard let change = ConfigurationChange(decoding: entry.data) else { throw .invalidMessage("not a configuration change") }
+                try validate(change)
                 if pendingConfigurationIndex > configurationAppliedThrough { throw .configurationChangeInProgress }
                 // The fix to single-server changes: commit an entry of this term first (dissertation §4.1, 2015 erratum).
                 if !committedEntryInCurrentTerm { throw .leaderNotReady }
@@ -440,6 +458,7 @@ public final class RaftNode {
             var message = Message(kind: .heartbeat, from: id, to: member, term: term)
             message.commit = min(entry.matchIndex, log.committed)
             message.context = context
+            message.index = LogIndex(leaderTicks) // echoed back: when the follower last heard from us
             send(message)
             if entry.isSnapshot {
                 let waited = (snapshotResendTicks[member] ?? 0) + 1
@@ -506,23 +525,42 @@ public final class RaftNode {
     // MARK: - Reads (§6.4)
 
     private func handleReadIndex(context: [UInt8], requester: NodeID) throws(RaftError) {
-        if membership.voters == [id] {
-            respondToRead(index: log.committed, context: context, requester: requester)
-            return
-        }
         guard committedEntryInCurrentTerm else {
             // A new leader does not know the commit index until it commits an entry of its term.
             guard readsAwaitingCommit.count < configuration.pendingReadsMax else { throw .overloaded }
             readsAwaitingCommit.append((context, requester))
             return
         }
-        if configuration.readConsistency == .lease {
+        if membership.voters == [id] || (configuration.readConsistency == .lease && leaseIsValid) {
             respondToRead(index: log.committed, context: context, requester: requester)
             return
         }
         guard pendingReads.count < configuration.pendingReadsMax else { throw .overloaded }
-        pendingReads.append(ReadRequest(index: log.committed, context: context, requester: requester, acknowledged: [id]))
-        broadcastHeartbeat(context: context)
+        let request = ReadRequest(id: nextReadID, index: log.committed, context: context, requester: requester, acknowledged: [id])
+        nextReadID += 1
+        pendingReads.append(request)
+        broadcastHeartbeat(context: Self.readContext(request.id))
+    }
+
+    /// Whether the leader's lease holds (dissertation §6.4.1): a majority of voters acknowledged a
+    /// heartbeat sent less than an election timeout ago (with two ticks of margin for the phase of
+    /// the followers' clocks), so none of them can have started an election since; and no transfer
+    /// is under way (its vote requests bypass the followers' lease). Assumes clocks that tick at
+    /// the same rate within that margin.
+    private var leaseIsValid: Bool {
+        guard configuration.checkQuorum, leadTransferee == nil else { return false }
+        var sent = membership.voters.map { $0 == id ? leaderTicks : (heartbeatAcknowledged[$0] ?? 0) }
+        guard sent.count >= membership.quorum else { return false }
+        sent.sort(by: >)
+        let quorumSent = sent[membership.quorum - 1]
+        return quorumSent > 0 && leaderTicks + 2 < quorumSent + UInt64(configuration.electionTicks)
+    }
+
+    /// The heartbeat context that stands for a pending read.
+    static func readContext(_ id: UInt64) -> [UInt8] {
+        var writer = ByteWriter(capacity: 8)
+        writer.write(id)
+        return writer.bytes
     }
 
     private func releaseReadsAwaitingCommit() {
@@ -538,7 +576,9 @@ public final class RaftNode {
     }
 
     private func acknowledgeRead(context: [UInt8], from member: NodeID) {
-        guard let position = pendingReads.firstIndex(where: { $0.context == context }) else { return }
+        var reader = ByteReader(context)
+        guard let readID = try? reader.readUInt64(), reader.isAtEnd,
+              let position = pendingReads.firstIndex(where: { $0.id == readID }) else { return }
         pendingReads[position].acknowledged.insert(member)
         let votes = membership.voters.filter { pendingReads[position].acknowledged.contains($0) }.count
         guard votes >= membership.quorum else { return }
@@ -616,8 +656,34 @@ public final class RaftNode {
         send(response)
     }
 
+    /// The largest term or index a message may carry (so `+ 1` never overflows).
+    static let numberMax: UInt64 = 1 << 62
+
+    /// Whether a message from the network is well formed; anything else is dropped, never trapped on.
+    func isWellFormed(_ message: Message) -> Bool {
+        let limit = Self.numberMax
+        guard message.from.rawValue != 0, message.term.rawValue <= limit, message.logTerm.rawValue <= limit,
+              message.index.rawValue <= limit, message.commit.rawValue <= limit, message.rejectHint.rawValue <= limit,
+              message.snapshotOffset >= 0, message.snapshotOffset <= Int(Int32.max),
+              message.entries.count <= configuration.messageEntriesMax * 4 else { return false }
+        if let snapshot = message.snapshot, snapshot.index.rawValue > limit || snapshot.term.rawValue > limit { return false }
+        switch message.kind {
+        case .appendEntries:
+            // Entries follow the previous index one by one, and none is newer than the sender's term.
+            for (offset, entry) in message.entries.enumerated() {
+                guard entry.index.rawValue == message.index.rawValue + UInt64(offset) + 1, entry.term <= message.term else { return false }
+            }
+        case .propose:
+            guard message.entries.allSatisfy({ $0.data.count <= configuration.messageSizeMax }) else { return false }
+        case .appendEntriesResponse, .requestVote, .requestVoteResponse, .preVote, .preVoteResponse, .heartbeat,
+             .heartbeatResponse, .installSnapshot, .installSnapshotResponse, .timeoutNow, .readIndex, .readIndexResponse:
+            guard message.entries.isEmpty else { return false }
+        }
+        return true
+    }
+
     private func stepMessage(_ message: Message) {
-        guard message.to == id, message.from != id else { return }
+        guard message.to == id, message.from != id, isWellFormed(message) else { return }
         if message.term == .zero {
             // Local relays (proposals and read requests forwarded by followers) carry no term.
             guard message.kind == .propose || message.kind == .readIndex else { return }
@@ -669,7 +735,10 @@ public final class RaftNode {
             || (isPreVote && message.term > term)
             || (configuration.faults.voteTwiceInTerm && role == .follower)
         let responseKind: MessageKind = isPreVote ? .preVoteResponse : .requestVoteResponse
-        if canVote && log.isUpToDate(lastIndex: message.index, lastTerm: message.logTerm) && membership.isVoter(id) {
+        // A node answers vote requests even when it is not a voter in its own configuration
+        // (dissertation §4.1): a removed leader's vote may be needed by those that do not yet
+        // know of the removal. The candidate counts only the voters of its configuration.
+        if canVote && log.isUpToDate(lastIndex: message.index, lastTerm: message.logTerm) {
             // A granted pre-vote answers in the term asked about, so the pre-candidate can count it.
             respond(to: message, kind: responseKind, term: message.term)
             if !isPreVote {
@@ -686,11 +755,10 @@ public final class RaftNode {
         case .propose:
             guard leadTransferee == nil else { return }
             for entry in message.entries {
-                if entry.kind == .configurationChange && (pendingConfigurationIndex > configurationAppliedThrough || !committedEntryInCurrentTerm) { continue }
-                if uncommittedSize + entry.size > configuration.uncommittedSizeMax { continue }
-                appendEntries([entry])
+                // Forwarded proposals get the same checks as local ones; refused ones are dropped
+                // (the proposer's caller times out, as with a lost message).
+                do { try proposeEntry(entry) } catch { continue }
             }
-            broadcastAppend()
         case .readIndex:
             do { try handleReadIndex(context: message.context, requester: message.from) } catch {
                 return // over the limit: dropped, the follower's caller times out
@@ -701,6 +769,12 @@ public final class RaftNode {
             guard progress[message.from] != nil else { return }
             progress[message.from]?.recentlyActive = true
             progress[message.from]?.probeSent = false
+            if message.index.rawValue <= leaderTicks {
+                heartbeatAcknowledged[message.from] = max(heartbeatAcknowledged[message.from] ?? 0, message.index.rawValue)
+            }
+            // A reply proves the follower is reachable again: if its window of unanswered appends
+            // is full (they were lost), free the oldest slot so replication resumes (etcd does the same).
+            progress[message.from]?.freeOldestInflightIfFull(configuration.inflightAppendsMax)
             if let entry = progress[message.from], entry.matchIndex < log.lastIndex { _ = maybeSendAppend(to: message.from, sendIfEmpty: true) }
             if !message.context.isEmpty { acknowledgeRead(context: message.context, from: message.from) }
         case .installSnapshotResponse:
@@ -728,7 +802,8 @@ public final class RaftNode {
             return
         }
         let wasPaused = entry.isPaused(inflightMax: configuration.inflightAppendsMax)
-        guard entry.maybeUpdate(message.index) else {
+        // A follower cannot match past what this leader has: such a reply is stale or forged.
+        guard message.index <= log.lastIndex, entry.maybeUpdate(message.index) else {
             progress[message.from] = entry
             return
         }
@@ -759,6 +834,7 @@ public final class RaftNode {
             progress[message.from]?.becomeProbe()
             _ = maybeSendAppend(to: message.from, sendIfEmpty: true)
         } else if message.index >= metadata.index {
+            guard message.index <= log.lastIndex else { return }
             // Installed (or already had it): replicate from after it.
             _ = progress[message.from]?.maybeUpdate(message.index)
             progress[message.from]?.becomeProbe()
@@ -797,7 +873,10 @@ public final class RaftNode {
             electionElapsed = 0
             leader = message.from
             log.commit(to: min(message.commit, log.lastIndex))
-            respond(to: message, kind: .heartbeatResponse) { $0.context = message.context }
+            respond(to: message, kind: .heartbeatResponse) {
+                $0.context = message.context
+                $0.index = message.index
+            }
         case .installSnapshot:
             electionElapsed = 0
             leader = message.from
@@ -855,7 +934,13 @@ public final class RaftNode {
             return
         }
         if incomingSnapshot?.metadata != metadata {
-            incomingSnapshot = message.snapshotOffset == 0 ? (metadata, 0) : nil
+            guard message.snapshotOffset == 0 else {
+                // A chunk from the middle of another snapshot (a delayed message, or a transfer
+                // this node lost track of): keep what is under way and ask for this one's start.
+                respond(to: message, kind: .installSnapshotResponse) { $0.snapshot = metadata }
+                return
+            }
+            incomingSnapshot = (metadata, 0)
         }
         guard let incoming = incomingSnapshot, incoming.received == message.snapshotOffset else {
             // Out of order or a restart: tell the leader where to resume.

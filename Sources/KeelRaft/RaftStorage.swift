@@ -76,10 +76,28 @@ public final class MemoryRaftStorage: RaftStorage {
     }
 
     public func snapshotChunk(of snapshot: SnapshotMetadata, offset: Int, maxSize: Int) throws(RaftStorageError) -> SnapshotChunk {
-        guard snapshot == self.snapshot else { throw .snapshotOutOfDate }
-        let start = min(offset, snapshotData.count)
-        let end = min(snapshotData.count, start + maxSize)
-        return SnapshotChunk(data: Array(snapshotData[start..<end]), isLast: end == snapshotData.count)
+        let data: [UInt8]
+        if snapshot == self.snapshot {
+            data = snapshotData
+        } else if let retained = retained.last(where: { $0.metadata == snapshot }) {
+            // A transfer of an older snapshot goes on to its end rather than restart at every compaction.
+            data = retained.data
+        } else {
+            throw .snapshotOutOfDate
+        }
+        let start = min(max(offset, 0), data.count)
+        let end = min(data.count, start + max(maxSize, 1))
+        return SnapshotChunk(data: Array(data[start..<end]), isLast: end == data.count)
+    }
+
+    /// Snapshots replaced recently, kept so transfers under way can finish.
+    private var retained: [(metadata: SnapshotMetadata, data: [UInt8])] = []
+    /// How many replaced snapshots are kept for transfers under way.
+    public static let retainedSnapshotsMax = 4
+
+    private func retire(_ metadata: SnapshotMetadata, _ data: [UInt8]) {
+        retained.append((metadata, data))
+        if retained.count > Self.retainedSnapshotsMax { retained.removeFirst() }
     }
 
     // MARK: - Writes by the caller
@@ -99,6 +117,7 @@ public final class MemoryRaftStorage: RaftStorage {
 
     /// Replaces everything with a snapshot received from the leader.
     public func applySnapshot(_ metadata: SnapshotMetadata, data: [UInt8]) {
+        retire(snapshot, snapshotData)
         snapshot = metadata
         snapshotData = data
         entries = []
@@ -111,6 +130,7 @@ public final class MemoryRaftStorage: RaftStorage {
         precondition(index > snapshot.index && index <= lastIndex, "snapshot index out of range")
         let term = entries[Int(index.rawValue - snapshot.index.rawValue - 1)].term
         entries.removeFirst(Int(index.rawValue - snapshot.index.rawValue))
+        retire(snapshot, snapshotData)
         snapshot = SnapshotMetadata(index: index, term: term, membership: membership)
         snapshotData = data
     }

@@ -42,8 +42,9 @@ public struct HardState: Sendable, Equatable, CustomStringConvertible {
     public var term: Term
     /// The candidate this node voted for in `term`, if any.
     public var votedFor: NodeID?
-    /// The highest index known to be committed. (Persisting it is not required for safety; it
-    /// saves re-learning it and lets a restart apply without waiting for the leader.)
+    /// The highest index known to be committed. It must be persisted: the membership is rebuilt
+    /// at restart from the committed configuration entries, so a commit index that went back could
+    /// revive a configuration that was already replaced.
     public var commit: LogIndex
 
     public init(term: Term = .zero, votedFor: NodeID? = nil, commit: LogIndex = .zero) {

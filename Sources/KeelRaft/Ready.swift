@@ -1,5 +1,6 @@
 // What a Raft node hands its caller after a step. The caller handles it in this order:
-//   1. persist `hardState`, `entries` and `incomingSnapshotChunks`, and install `snapshot`;
+//   1. persist `hardState` and `incomingSnapshotChunks`; install `snapshot` (replacing the state
+//      and the log); then persist `entries` (which follow the snapshot when both are present);
 //   2. send `messages`;
 //   3. apply `committedEntries` and serve the reads in `readStates` once applied;
 //   4. call `advance(ready)`.
@@ -12,7 +13,7 @@ public struct Ready: Sendable, Equatable {
     public var softState: SoftState?
     /// Set when the hard state changed; persist before sending messages.
     public var hardState: HardState?
-    /// Entries to persist (the first may replace a persisted suffix).
+    /// Entries to persist after installing `snapshot`, if any (the first may replace a persisted suffix).
     public var entries: [Entry] = []
     /// Chunks of a snapshot being received, to store at their offsets.
     public var incomingSnapshotChunks: [IncomingSnapshotChunk] = []

@@ -40,6 +40,11 @@ public struct SimulationOptions: Sendable, Equatable {
     public var snapshotInterval = 60
     /// Faults switched on in every core (checker tests).
     public var raftFaults = RaftFaults()
+    /// Serve reads from the leader's lease instead of ReadIndex.
+    public var leaseReads = false
+    /// Time units at the end without new faults, with every node restarted and the network healed,
+    /// after which every node must have caught up (the liveness check).
+    public var quietSteps = 3_000
     /// Print every message delivery too (long).
     public var verbose = false
 
@@ -53,7 +58,8 @@ public struct SimulationOptions: Sendable, Equatable {
         return "seed \(seed), nodes \(nodeCount), steps \(steps), tick every \(tickInterval), drop \(network.dropRate), "
             + "duplicate \(network.duplicateRate), delay 1...\(network.delayMax), crash \(crashRate), down \(downTime), "
             + "partition \(partitionRate), heal \(healRate), transfer \(transferRate), clients \(clients), keys \(keys), "
-            + "timeout \(operationTimeout), snapshot every \(snapshotInterval), raft faults \(faults.isEmpty ? "none" : faults.joined(separator: ","))"
+            + "timeout \(operationTimeout), snapshot every \(snapshotInterval), reads \(leaseReads ? "lease" : "read-index"), "
+            + "quiet end \(quietSteps), raft faults \(faults.isEmpty ? "none" : faults.joined(separator: ","))"
     }
 }
 
@@ -108,6 +114,10 @@ public final class Simulation {
     private var history: [HistoryOperation] = []
     private var pending: Set<Int> = [] // history positions not yet completed
     private var now: UInt64 = 0
+    /// Orders history events exactly: within one time unit, completions and invocations still
+    /// happen one after another, and the checker must see that order.
+    private var eventClock: UInt64 = 0
+    private var quietStarted = false
     private var nextOperation: UInt64 = 1
     private var lines: [String] = []
     private var violations: [String] = []
@@ -135,6 +145,7 @@ public final class Simulation {
             step()
         }
         checkLogMatching()
+        if violations.isEmpty { checkLiveness() }
         for position in pending.sorted() { history[position].outcome = .unknown }
         let verdicts = LinearizabilityChecker.check(history.map { operation in
             var copy = operation
@@ -177,7 +188,22 @@ public final class Simulation {
         runClients()
     }
 
+    private var inQuietEnd: Bool { now + UInt64(options.quietSteps) > UInt64(options.steps) }
+
     private func injectFaults() {
+        if inQuietEnd {
+            if !quietStarted {
+                quietStarted = true
+                network.heal()
+                for node in nodes where node.raft == nil { node.downUntil = now }
+                log("quiet: faults stop, network healed, every node restarted")
+            }
+            for node in nodes where node.raft == nil {
+                start(node)
+                log("restart \(node.id)")
+            }
+            return
+        }
         for node in nodes where node.raft == nil && now >= node.downUntil {
             start(node)
             log("restart \(node.id)")
@@ -238,7 +264,8 @@ public final class Simulation {
         node.readStates = []
         var configuration = RaftConfiguration(id: node.id)
         configuration.faults = options.raftFaults
-        configuration.snapshotChunkSizeMax = 64
+        configuration.snapshotChunkSizeMax = 1024
+        configuration.readConsistency = options.leaseReads ? .lease : .readIndex
         do {
             node.raft = try RaftNode(configuration: configuration, storage: node.storage, randomSeed: random.next())
         } catch {
@@ -269,7 +296,6 @@ public final class Simulation {
             let ready = raft.ready()
             // 1. Persist.
             if let hardState = ready.hardState { node.storage.setHardState(hardState) }
-            node.storage.append(ready.entries)
             for chunk in ready.incomingSnapshotChunks {
                 if chunk.offset == 0 { node.incoming = [] }
                 if chunk.offset == node.incoming.count { node.incoming += chunk.data }
@@ -285,6 +311,7 @@ public final class Simulation {
                 node.appliedMembership = snapshot.membership
                 node.incoming = []
             }
+            node.storage.append(ready.entries)
             // 2. Send.
             for message in ready.messages { network.send(message, now: now, random: &random) }
             // 3. Apply.
@@ -353,6 +380,8 @@ public final class Simulation {
                 continue
             }
             guard random.chance(options.operationRate) else { continue }
+            // No new operations in the last stretch, so that the liveness check sees a settled cluster.
+            guard now + UInt64(options.quietSteps / 3) <= UInt64(options.steps) else { continue }
             let up = nodes.filter { $0.raft != nil }
             guard !up.isEmpty else { continue }
             let node = up[Int(random.next() % UInt64(up.count))]
@@ -362,8 +391,9 @@ public final class Simulation {
             let roll = random.next() % 10
             let operation: RegisterOperation = roll < 4 ? .read : (roll < 7 ? .write(Int64(operationID)) : .increment)
             let position = history.count
+            eventClock += 1
             history.append(HistoryOperation(id: Int(operationID), client: client, key: String(key), operation: operation,
-                                            invoke: now, complete: now, outcome: .unknown))
+                                            invoke: eventClock, complete: eventClock, outcome: .unknown))
             pending.insert(position)
             clients[client].busy = position
             clients[client].deadline = now + options.operationTimeout
@@ -392,8 +422,9 @@ public final class Simulation {
 
     private func complete(_ position: Int, _ outcome: OperationOutcome) {
         guard pending.remove(position) != nil else { return }
+        eventClock += 1
         history[position].outcome = outcome
-        history[position].complete = now
+        history[position].complete = eventClock
     }
 
     // MARK: - Checkers
@@ -417,6 +448,21 @@ public final class Simulation {
             }
             if term != known.term {
                 violation("leader completeness: leader \(node.id) of term \(status.term) has term \(term) at committed index \(index), not \(known.term)")
+            }
+        }
+    }
+
+    /// Liveness: after the quiet end (no faults, network healed, every node up, no new operations
+    /// for its last third), every node must have caught up with the highest commit index.
+    private func checkLiveness() {
+        guard options.quietSteps > 0 else { return }
+        let leaders = nodes.filter { $0.raft?.status.role == .leader }
+        if leaders.isEmpty { violation("liveness: no leader after a quiet period of \(options.quietSteps)") }
+        let highest = nodes.compactMap { $0.raft?.status.commitIndex }.max() ?? .zero
+        for node in nodes {
+            guard let status = node.raft?.status else { continue }
+            if status.commitIndex < highest || node.appliedIndex < highest {
+                violation("liveness: node \(node.id) has commit \(status.commitIndex) and applied \(node.appliedIndex) while the cluster committed \(highest), after a quiet period of \(options.quietSteps)")
             }
         }
     }

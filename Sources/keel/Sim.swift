@@ -21,6 +21,9 @@ struct Sim: ParsableCommand {
     @Flag(help: "Print every message delivery.")
     var verbose = false
 
+    @Flag(name: .customLong("lease-reads"), help: "Serve reads from the leader's lease instead of ReadIndex.")
+    var leaseReads = false
+
     @Option(help: "Per time unit: probability that a node crashes (default 0.0004).")
     var crashRate: Double?
 
@@ -52,6 +55,7 @@ struct Sim: ParsableCommand {
         options.nodeCount = nodes
         options.steps = steps
         options.verbose = verbose
+        options.leaseReads = leaseReads
         if let crashRate { options.crashRate = crashRate }
         if let partitionRate { options.partitionRate = partitionRate }
         if let healRate { options.healRate = healRate }

@@ -69,7 +69,6 @@ final class TestCluster {
         while node.raft.hasReady {
             let ready = node.raft.ready()
             if let state = ready.hardState { node.storage.setHardState(state) }
-            node.storage.append(ready.entries)
             for chunk in ready.incomingSnapshotChunks {
                 if chunk.offset == 0 { node.incoming = [] }
                 if chunk.offset == node.incoming.count { node.incoming += chunk.data }
@@ -79,6 +78,7 @@ final class TestCluster {
                 node.installedSnapshots.append(snapshot)
                 node.applied = []
             }
+            node.storage.append(ready.entries)
             outbox += ready.messages
             node.applied += ready.committedEntries
             node.readStates += ready.readStates
