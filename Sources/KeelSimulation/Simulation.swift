@@ -28,6 +28,9 @@ public struct SimulationOptions: Sendable, Equatable {
     public var healRate = 0.002
     /// Per time unit: probability that the leader is asked to hand over.
     public var transferRate = 0.0002
+    /// Per time unit: probability of a membership change (remove a voter, add a non-member back as
+    /// a learner, or promote a learner), one server at a time.
+    public var membershipChangeRate = 0.0003
     /// Concurrent clients, each with one operation at a time.
     public var clients = 4
     /// Keys the clients use.
@@ -57,7 +60,7 @@ public struct SimulationOptions: Sendable, Equatable {
         if raftFaults.readWithoutReadIndex { faults.append("read-without-read-index") }
         return "seed \(seed), nodes \(nodeCount), steps \(steps), tick every \(tickInterval), drop \(network.dropRate), "
             + "duplicate \(network.duplicateRate), delay 1...\(network.delayMax), crash \(crashRate), down \(downTime), "
-            + "partition \(partitionRate), heal \(healRate), transfer \(transferRate), clients \(clients), keys \(keys), "
+            + "partition \(partitionRate), heal \(healRate), transfer \(transferRate), membership \(membershipChangeRate), clients \(clients), keys \(keys), "
             + "timeout \(operationTimeout), snapshot every \(snapshotInterval), reads \(leaseReads ? "lease" : "read-index"), "
             + "quiet end \(quietSteps), raft faults \(faults.isEmpty ? "none" : faults.joined(separator: ","))"
     }
@@ -169,21 +172,24 @@ public final class Simulation {
     // MARK: - One time unit
 
     private func step() {
+        // Every input of this time unit first, then one Ready per node: several messages (and a
+        // tick) land in one Ready, as they do in a runtime that steps what arrived before persisting.
+        var touched = Set<NodeID>()
         for message in network.due(at: now) {
-            guard violations.isEmpty else { return }
             guard let node = nodes.first(where: { $0.id == message.to }), let raft = node.raft else { continue }
             if options.verbose { log("deliver \(message)") }
             raft.step(message)
-            drain(node)
+            touched.insert(node.id)
         }
-        guard violations.isEmpty else { return }
         if now % options.tickInterval == 0 {
-            for node in nodes where violations.isEmpty {
+            for node in nodes {
                 guard let raft = node.raft else { continue }
                 raft.tick()
-                drain(node)
+                touched.insert(node.id)
             }
         }
+        for node in nodes where touched.contains(node.id) && violations.isEmpty { drain(node) }
+        guard violations.isEmpty else { return }
         injectFaults()
         runClients()
     }
@@ -237,6 +243,27 @@ public final class Simulation {
         if !network.cut.isEmpty && random.chance(options.healRate) {
             network.heal()
             log("heal")
+        }
+        if random.chance(options.membershipChangeRate), let leader = nodes.first(where: { $0.raft?.status.role == .leader }), let raft = leader.raft {
+            let membership = raft.status.membership
+            let node = nodes[Int(random.next() % UInt64(nodes.count))].id
+            let change: ConfigurationChange
+            if membership.isLearner(node) {
+                change = ConfigurationChange(.promoteLearner, node)
+            } else if !membership.contains(node) {
+                change = ConfigurationChange(.addLearner, node)
+            } else if membership.voters.count > 2 {
+                change = ConfigurationChange(.remove, node)
+            } else {
+                change = ConfigurationChange(.addLearner, node) // refused below: already a voter
+            }
+            do {
+                try raft.proposeConfigurationChange(change)
+                log("propose \(change) at leader \(leader.id)")
+            } catch {
+                log("propose \(change) at leader \(leader.id) refused: \(error)")
+            }
+            drain(leader)
         }
         if random.chance(options.transferRate), let leader = nodes.first(where: { $0.raft?.status.role == .leader }), let raft = leader.raft {
             let others = raft.status.membership.voters.filter { $0 != leader.id }
@@ -459,8 +486,10 @@ public final class Simulation {
         let leaders = nodes.filter { $0.raft?.status.role == .leader }
         if leaders.isEmpty { violation("liveness: no leader after a quiet period of \(options.quietSteps)") }
         let highest = nodes.compactMap { $0.raft?.status.commitIndex }.max() ?? .zero
+        let members = leaders.first?.raft?.status.membership
         for node in nodes {
-            guard let status = node.raft?.status else { continue }
+            // A node removed from the cluster is no longer kept up to date.
+            guard let status = node.raft?.status, members?.contains(node.id) ?? true else { continue }
             if status.commitIndex < highest || node.appliedIndex < highest {
                 violation("liveness: node \(node.id) has commit \(status.commitIndex) and applied \(node.appliedIndex) while the cluster committed \(highest), after a quiet period of \(options.quietSteps)")
             }

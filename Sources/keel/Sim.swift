@@ -36,13 +36,16 @@ struct Sim: ParsableCommand {
     @Option(help: "Per time unit: probability that an idle client starts an operation (default 0.05).")
     var operationRate: Double?
 
+    @Option(help: "Per time unit: probability of a membership change (default 0.0003).")
+    var membershipRate: Double?
+
     @Option(help: "Switch on a deliberate fault in every core (vote-twice, commit-older-terms, read-without-read-index), to see the checkers catch it.")
     var fault: [String] = []
 
     func validate() throws {
         guard nodes == 3 || nodes == 5 else { throw ValidationError("--nodes must be 3 or 5") }
         guard steps > 0, steps <= 10_000_000 else { throw ValidationError("--steps must be between 1 and 10000000") }
-        for rate in [crashRate, partitionRate, healRate, operationRate].compactMap({ $0 }) where !(0...1).contains(rate) {
+        for rate in [crashRate, partitionRate, healRate, operationRate, membershipRate].compactMap({ $0 }) where !(0...1).contains(rate) {
             throw ValidationError("rates are probabilities between 0 and 1")
         }
         for name in fault where !["vote-twice", "commit-older-terms", "read-without-read-index"].contains(name) {
@@ -60,6 +63,7 @@ struct Sim: ParsableCommand {
         if let partitionRate { options.partitionRate = partitionRate }
         if let healRate { options.healRate = healRate }
         if let operationRate { options.operationRate = operationRate }
+        if let membershipRate { options.membershipChangeRate = membershipRate }
         options.raftFaults.voteTwiceInTerm = fault.contains("vote-twice")
         options.raftFaults.commitEntriesOfOlderTerms = fault.contains("commit-older-terms")
         options.raftFaults.readWithoutReadIndex = fault.contains("read-without-read-index")
