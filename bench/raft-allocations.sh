@@ -3,7 +3,7 @@
 # malloc/calloc/realloc/posix_memalign/aligned_alloc calls (valgrind 3.19 cannot read Swift's
 # DWARF 5), runs `keel bench raft` with two entry counts and divides the difference in
 # allocations by the difference in entries, so start-up allocations cancel out.
-# Needs gcc and a release build: swift build -c release.
+# BATCH=N sets proposals per batch (default 64). Needs gcc and a release build: swift build -c release.
 set -euo pipefail
 keel=${1:-.build/release/keel}
 small=${2:-20000}
@@ -55,7 +55,7 @@ void free(void *p) {
 __attribute__((destructor)) static void report(void) { fprintf(stderr, "heap allocations: %ld\n", (long)allocations); }
 C
 gcc -O2 -shared -fPIC -o "$work/count.so" "$work/count.c" -ldl
-allocs() { LD_PRELOAD="$work/count.so" "$keel" bench raft --entries "$1" 2>&1 >/dev/null | sed -n 's/heap allocations: //p' | tail -1; }
+allocs() { LD_PRELOAD="$work/count.so" "$keel" bench raft --entries "$1" --batch "${BATCH:-64}" 2>&1 >/dev/null | sed -n 's/heap allocations: //p' | tail -1; }
 a=$(allocs "$small")
 b=$(allocs "$large")
 echo "heap allocations: $a for $small entries, $b for $large entries"

@@ -111,6 +111,30 @@ public final class RaftNode {
         afterInput()
     }
 
+    /// Proposes several entries at once: one AppendEntries round carries them all.
+    ///
+    /// - Throws: as `propose`; on an error none of them was proposed.
+    public func propose(batch: [[UInt8]]) throws(RaftError) {
+        guard !batch.isEmpty else { return }
+        let entries = batch.map { Entry(index: .zero, term: .zero, kind: .normal, data: $0) }
+        switch role {
+        case .leader:
+            if leadTransferee != nil { throw .leadershipTransferInProgress }
+            let size = entries.reduce(0) { $0 + $1.size }
+            if uncommittedSize + size > configuration.uncommittedSizeMax { throw .overloaded }
+            appendEntries(entries)
+            broadcastAppend()
+        case .follower:
+            guard let leader else { throw .noLeader }
+            var message = Message(kind: .propose, from: id, to: leader, term: .zero)
+            message.entries = entries
+            send(message)
+        case .preCandidate, .candidate:
+            throw .noLeader
+        }
+        afterInput()
+    }
+
     /// Proposes a membership change (one server at a time).
     ///
     /// - Throws: as `propose`, and `.configurationChangeInProgress`, `.leaderNotReady`, or

@@ -6,7 +6,8 @@ import KeelRaft
 
 /// Drives an in-memory cluster to measure the core alone.
 public enum RaftBenchmark {
-    /// Commits `entries` proposals of `size` bytes, proposing `batch` at a time on the leader.
+    /// Commits `entries` proposals of `size` bytes, proposing `batch` at a time on the leader
+    /// (`propose(batch:)`: one AppendEntries round per batch).
     ///
     /// - Returns: the number of entries applied on the leader (at least `entries`).
     public static func run(nodes count: Int = 3, entries: Int, size: Int = 100, batch: Int = 64) throws(RaftError) -> Int {
@@ -53,9 +54,10 @@ public enum RaftBenchmark {
         let payload = [UInt8](repeating: 0x61, count: size)
         var proposed = 0
         while applied < entries {
-            for _ in 0..<batch where proposed < entries {
-                try cores[0].propose(payload)
-                proposed += 1
+            let count = min(batch, entries - proposed)
+            if count > 0 {
+                try cores[0].propose(batch: Array(repeating: payload, count: count))
+                proposed += count
             }
             settle()
             if proposed >= entries && applied < entries {

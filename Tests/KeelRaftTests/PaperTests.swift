@@ -502,3 +502,25 @@ struct MalformedMessageTests {
         cluster[1].raft.checkInvariants()
     }
 }
+
+@Suite("Raft: batched proposals")
+struct BatchProposalTests {
+    @Test("propose(batch:) appends every entry and replicates them in one AppendEntries per follower")
+    func batchedProposal() throws {
+        let cluster = TestCluster(3)
+        cluster.elect(1)
+        cluster.outbox = []
+        try cluster[1].raft.propose(batch: (0..<5).map { bytes("b\($0)") })
+        cluster.process(NodeID(1))
+        let appends = cluster.outbox.filter { $0.kind == .appendEntries && $0.to == NodeID(2) }
+        #expect(appends.count == 1 && appends.first?.entries.count == 5)
+        cluster.stabilize()
+        cluster.tick(1)
+        #expect(cluster.appliedData(3) == (0..<5).map { "b\($0)" })
+        // Through a follower: forwarded as one message.
+        try cluster[2].raft.propose(batch: [bytes("f1"), bytes("f2")])
+        cluster.stabilize()
+        cluster.tick(1)
+        #expect(cluster.appliedData(1).suffix(2) == ["f1", "f2"])
+    }
+}
