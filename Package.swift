@@ -13,12 +13,14 @@ let package = Package(
         .library(name: "KeelStorage", targets: ["KeelStorage"]),
         .library(name: "KeelRaft", targets: ["KeelRaft"]),
         .library(name: "KeelSimulation", targets: ["KeelSimulation"]),
+        .library(name: "Keel", targets: ["Keel"]),
         .executable(name: "keel", targets: ["keel"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-collections", from: "1.6.0"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
         .package(url: "https://github.com/x-sheep/swift-property-based", from: "2.0.1"),
     ],
     targets: [
@@ -39,6 +41,16 @@ let package = Package(
         .target(
             name: "KeelSimulation",
             dependencies: ["KeelCore", "KeelRaft"],
+            swiftSettings: strict
+        ),
+        // The runtime and public API (the node issue); for now the peer wire format and frame codec.
+        .target(
+            name: "Keel",
+            dependencies: [
+                "KeelCore",
+                "KeelRaft",
+                .product(name: "NIOCore", package: "swift-nio"),
+            ],
             swiftSettings: strict
         ),
         .target(
@@ -85,6 +97,17 @@ let package = Package(
         .testTarget(
             name: "KeelSimulationTests",
             dependencies: ["KeelCore", "KeelRaft", "KeelSimulation"],
+            swiftSettings: strict
+        ),
+        .testTarget(
+            name: "KeelTests",
+            dependencies: [
+                "Keel",
+                "KeelCore",
+                "KeelRaft",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+            ],
             swiftSettings: strict
         ),
         .testTarget(
