@@ -18,6 +18,10 @@ public enum LogRecordType: UInt8, Sendable {
     /// the start of a batch whenever a sync has moved S. Recovery uses it to tell damage before
     /// the synced end (corruption) from an unsynced tail that reached the disk in pieces.
     case syncMarker = 2
+    /// An opaque hard state for the layer above (Raft's term, vote and commit): index 0, term 0,
+    /// at most `hardStateSizeMax` bytes. The newest one in log order is the current one; the
+    /// writer copies it into every new segment, and again after a suffix is replaced.
+    case hardState = 3
 }
 
 /// One entry of the log: its position, the term it was written in, and its bytes.
@@ -129,6 +133,9 @@ public enum LogFormat {
     /// The largest index a record may carry (so that `index + 1` never overflows on bytes from disk).
     public static let indexMax = LogIndex(UInt64(1) << 62)
 
+    /// The largest hard state record payload.
+    public static let hardStateSizeMax = 4096
+
     /// The bytes a sync marker takes.
     public static let syncMarkerSize = recordHeaderSize + 8
 
@@ -180,6 +187,8 @@ public enum LogFormat {
             guard index > .zero, index <= indexMax else { return .invalid("record index \(index) out of range") }
         case .syncMarker:
             guard index == .zero, term == .zero, length == 8 else { return .invalid("malformed sync marker") }
+        case .hardState:
+            guard index == .zero, term == .zero, length <= hardStateSizeMax else { return .invalid("malformed hard state record") }
         }
         return .record(type, index: index, term: term, payload: (offset + recordHeaderSize)..<end, end: end)
     }

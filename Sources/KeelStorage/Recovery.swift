@@ -66,6 +66,8 @@ struct RecoveredLog {
     var report: RecoveryReport
     var scans: [SegmentScan]
     var nextIndex: LogIndex
+    /// The newest hard state record found.
+    var hardState: [UInt8]?
 }
 
 /// Reads a whole segment, refusing a file larger than any segment Keel writes.
@@ -261,6 +263,7 @@ public enum Recovery {
         // The checkpoint may cover more than the log kept (fsync `everysec` or `never`): the
         // checkpoint is durable, so the log simply continues after it in a fresh segment.
         var nextIndex = max(logLastIndex ?? base, base).next
+        let hardState = scans.reversed().lazy.compactMap(\.hardState).first
         if repair, let logLastIndex, logLastIndex < base {
             do {
                 for scan in scans.reversed() { try fileSystem.remove(joinPath(directory.logPath, scan.name)) }
@@ -274,6 +277,6 @@ public enum Recovery {
         if stopAt != nil { report.lastIndex = stopAt! }
         let elapsed = ContinuousClock.now - started
         report.durationNanoseconds = UInt64(elapsed.components.seconds) * 1_000_000_000 + UInt64(elapsed.components.attoseconds / 1_000_000_000)
-        return RecoveredLog(report: report, scans: scans, nextIndex: nextIndex)
+        return RecoveredLog(report: report, scans: scans, nextIndex: nextIndex, hardState: hardState)
     }
 }

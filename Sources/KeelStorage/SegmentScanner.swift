@@ -45,6 +45,10 @@ public struct SegmentScan: Sendable {
     public var ending: SegmentEnding
     /// The largest synced end a valid sync marker declares (the header size when there is none).
     public var syncedEnd: Int
+    /// The term of each valid entry, in order (parallel to `offsets`).
+    public var terms: [UInt64] = []
+    /// The newest hard state record in the segment, if any.
+    public var hardState: [UInt8]?
 
     /// The number of valid records.
     public var recordCount: Int { offsets.count }
@@ -98,6 +102,10 @@ public enum SegmentScanner {
                     scan.syncedEnd = max(scan.syncedEnd, marked)
                     scan.dataEnd = end
                     offset = end
+                case .record(.hardState, _, _, let payload, let end):
+                    scan.hardState = Array(raw[payload])
+                    scan.dataEnd = end
+                    offset = end
                 case .record(.entry, let index, let term, let payload, let end):
                     guard index == expected else {
                         scan.ending = .corrupt(offset: offset, reason: "record has index \(index) where \(expected) was expected")
@@ -110,6 +118,7 @@ public enum SegmentScanner {
                         return
                     }
                     scan.offsets.append(UInt32(offset))
+                    scan.terms.append(term.rawValue)
                     scan.lastIndex = index
                     scan.lastTerm = term
                     scan.dataEnd = end
@@ -173,7 +182,7 @@ public enum SegmentScanner {
         let typeOffset = 8
         while position + LogFormat.recordHeaderSize <= raw.count {
             let type = raw[position + typeOffset]
-            if type == LogRecordType.entry.rawValue || type == LogRecordType.syncMarker.rawValue,
+            if LogRecordType(rawValue: type) != nil,
                raw[position + typeOffset + 1] == 0,
                case .record = LogFormat.readRecord(raw, at: position, payloadSizeMax: limits.entrySizeMax) {
                 return position

@@ -68,11 +68,38 @@ public final class WriteAheadLog: @unchecked Sendable {
 
     /// An append waiting for the writer.
     private struct Pending {
+        /// The entry, if any (a write may carry only a hard state).
+        let entry: (index: LogIndex, term: Term, payload: [UInt8])?
+        /// Explicit-index writes: drop the log from `entry.index` on before writing the entry.
+        let replacesSuffix: Bool
+        /// A hard state record to write before the entry.
+        let hardState: [UInt8]?
+        /// The index reported to the completion.
         let index: LogIndex
-        let term: Term
-        let payload: [UInt8]
         let completion: @Sendable (Result<LogIndex, StorageError>) -> Void
+
+        var payloadCount: Int { (entry?.payload.count ?? 0) + (hardState?.count ?? 0) }
+
+        init(index: LogIndex, term: Term, payload: [UInt8], completion: @escaping @Sendable (Result<LogIndex, StorageError>) -> Void) {
+            entry = (index, term, payload)
+            replacesSuffix = false
+            hardState = nil
+            self.index = index
+            self.completion = completion
+        }
+
+        init(entry: (index: LogIndex, term: Term, payload: [UInt8])?, replacesSuffix: Bool, hardState: [UInt8]?, index: LogIndex,
+             completion: @escaping @Sendable (Result<LogIndex, StorageError>) -> Void) {
+            self.entry = entry
+            self.replacesSuffix = replacesSuffix
+            self.hardState = hardState
+            self.index = index
+            self.completion = completion
+        }
     }
+
+    /// How indexes are chosen: by the log (`append`) or by the caller (`write`). A log uses one.
+    private enum IndexMode { case assigned, explicit }
 
     private enum RunState {
         case running
@@ -89,6 +116,8 @@ public final class WriteAheadLog: @unchecked Sendable {
         var lastIndex: LogIndex
         var dataEnd: Int
         var offsets: [UInt32]
+        /// The term of each entry (parallel to `offsets`).
+        var terms: [UInt64]
         /// Bytes known durable (fdatasync returned after they were written).
         // Invariant: syncedEnd <= dataEnd
         var syncedEnd: Int
@@ -99,6 +128,8 @@ public final class WriteAheadLog: @unchecked Sendable {
     private struct Table {
         var segments: [Segment]
         var isClosed = false
+        /// The newest hard state written or recovered.
+        var hardState: [UInt8]?
         var bytesWritten: UInt64 = 0
         var syncCount: UInt64 = 0
     }
@@ -114,10 +145,16 @@ public final class WriteAheadLog: @unchecked Sendable {
     private var queuedBytes = 0
     private var nextIndex: LogIndex
     private var runState = RunState.running
+    private var indexMode: IndexMode?
     private let writerDone = DispatchSemaphore(value: 0)
     private var closed = false
     /// Set before the thread starts and never changed.
     private var writerThread: Thread?
+    // Touched only by the writer thread (set in init before it starts):
+    /// The newest hard state the writer has put in a buffer.
+    private var writerHardState: [UInt8]?
+    /// Whether the next record must be preceded by `writerHardState` (after a suffix was replaced).
+    private var rewriteHardState = false
 
     private let table: Mutex<Table>
 
@@ -128,7 +165,8 @@ public final class WriteAheadLog: @unchecked Sendable {
     ///   - directory: the `log` directory.
     ///   - scans: the segments, oldest first, each ending clean.
     ///   - nextIndex: the index the next append gets.
-    init(directory: String, fileSystem: any FileSystem, options: LogOptions, scans: [SegmentScan], nextIndex: LogIndex) throws(StorageError) {
+    init(directory: String, fileSystem: any FileSystem, options: LogOptions, scans: [SegmentScan], nextIndex: LogIndex,
+         hardState: [UInt8]? = nil) throws(StorageError) {
         try options.validate()
         self.directory = directory
         self.options = options
@@ -140,7 +178,8 @@ public final class WriteAheadLog: @unchecked Sendable {
                 let isNewest = position == scans.count - 1
                 let handle = try fileSystem.open(joinPath(directory, scan.name), options: isNewest ? [] : [.readOnly])
                 segments.append(Segment(name: scan.name, handle: handle, firstIndex: scan.firstIndex, lastIndex: scan.lastIndex,
-                                        dataEnd: scan.dataEnd, offsets: scan.offsets, syncedEnd: scan.dataEnd, lastMarker: scan.syncedEnd))
+                                        dataEnd: scan.dataEnd, offsets: scan.offsets, terms: scan.terms, syncedEnd: scan.dataEnd,
+                                        lastMarker: scan.syncedEnd))
             }
             if let newest = segments.last, !scans.isEmpty {
                 // What was read back may sit in the page cache only (a process restart without a
@@ -156,11 +195,28 @@ public final class WriteAheadLog: @unchecked Sendable {
             for segment in segments { fileSystem.close(segment.handle) }
             throw .fileSystem(error)
         }
-        table = Mutex(Table(segments: segments))
+        table = Mutex(Table(segments: segments, hardState: hardState))
+        writerHardState = hardState
+        // Written again into the newest segment with the next record: recovery may have removed
+        // the segment that held it (a checkpoint that outran the log).
+        rewriteHardState = hardState != nil
         let thread = Thread { [self] in self.runWriter() }
         thread.name = "keel-log-writer"
         writerThread = thread
         thread.start()
+    }
+
+    /// Opens the log of a data directory for explicit-index writes (Raft's log): recovers the
+    /// segments (torn tails cut, damage refused as for a store) and the newest hard state. Entries
+    /// at or below the newest valid checkpoint are kept but not read back; the caller owns the
+    /// checkpoints.
+    ///
+    /// - Returns: the log and what recovery did.
+    public static func open(in directory: DataDirectory, options: LogOptions) throws(StorageError) -> (WriteAheadLog, RecoveryReport) {
+        let recovered = try Recovery.run(directory: directory, options: options) { (_, _) throws(StorageError) in } apply: { _ in }
+        let log = try WriteAheadLog(directory: directory.logPath, fileSystem: directory.fileSystem, options: options,
+                                    scans: recovered.scans, nextIndex: recovered.nextIndex, hardState: recovered.hardState)
+        return (log, recovered.report)
     }
 
     // MARK: - Appending
@@ -184,12 +240,91 @@ public final class WriteAheadLog: @unchecked Sendable {
         case .closing: throw .closed
         }
         guard queue.count < options.limits.appendQueueCountMax else { throw .overloaded(queued: queue.count) }
+        precondition(indexMode != .explicit, "a log takes either append(term:payload:) or write(entries:hardState:), not both")
+        indexMode = .assigned
         let index = nextIndex
         nextIndex = index.next
         queue.append(Pending(index: index, term: term, payload: payload, completion: completion))
         queuedBytes += payload.count
         queueLock.signal()
         return index
+    }
+
+    /// Writes entries whose indexes the caller chose (Raft's log), and optionally a hard state,
+    /// in one durable step: `completion` runs once all of it is durable under the policy.
+    ///
+    /// The entries must be consecutive, and the first may be at most one past the last entry
+    /// written or queued. If it is at or below it, the log from that index on is replaced
+    /// (Raft §5.3: a follower drops a conflicting suffix); the replaced entries must not have been
+    /// compacted.
+    ///
+    /// - Throws: `StorageError` when the log refuses the write at once.
+    public func write(entries: [LogEntry], hardState: [UInt8]?, completion: @escaping @Sendable (Result<LogIndex, StorageError>) -> Void) throws(StorageError) {
+        for entry in entries where entry.payload.count > options.limits.entrySizeMax {
+            throw .entryTooLarge(size: entry.payload.count, limit: options.limits.entrySizeMax)
+        }
+        if let hardState, hardState.count > LogFormat.hardStateSizeMax {
+            throw .entryTooLarge(size: hardState.count, limit: LogFormat.hardStateSizeMax)
+        }
+        for (offset, entry) in entries.enumerated() where offset > 0 {
+            guard entry.index == entries[offset - 1].index.next else { throw .invalidConfiguration("entries written together must be consecutive") }
+        }
+        queueLock.lock()
+        defer { queueLock.unlock() }
+        switch runState {
+        case .running: break
+        case .stopped(let reason): throw .stopped(reason: reason)
+        case .closing: throw .closed
+        }
+        guard queue.count + entries.count <= options.limits.appendQueueCountMax else { throw .overloaded(queued: queue.count) }
+        precondition(indexMode != .assigned, "a log takes either append(term:payload:) or write(entries:hardState:), not both")
+        indexMode = .explicit
+        if let first = entries.first {
+            guard first.index.rawValue >= 1, first.index <= nextIndex else {
+                throw .invalidConfiguration("entry \(first.index) would leave a gap after \(LogIndex(nextIndex.rawValue - 1))")
+            }
+        }
+        let replaces = entries.first.map { $0.index < nextIndex } ?? false
+        if entries.isEmpty {
+            queue.append(Pending(entry: nil, replacesSuffix: false, hardState: hardState, index: LogIndex(nextIndex.rawValue - 1), completion: completion))
+        } else {
+            let ignore: @Sendable (Result<LogIndex, StorageError>) -> Void = { _ in }
+            for (offset, entry) in entries.enumerated() {
+                let isFirst = offset == 0
+                let isLast = offset == entries.count - 1
+                let item: (index: LogIndex, term: Term, payload: [UInt8]) = (entry.index, entry.term, entry.payload)
+                let pending = Pending(entry: item, replacesSuffix: isFirst && replaces, hardState: isFirst ? hardState : nil,
+                                      index: entry.index, completion: isLast ? completion : ignore)
+                queue.append(pending)
+            }
+            nextIndex = entries.last!.index.next
+        }
+        queuedBytes += entries.reduce(hardState?.count ?? 0) { $0 + $1.payload.count }
+        queueLock.signal()
+    }
+
+    /// The newest hard state written or recovered.
+    public var hardState: [UInt8]? { table.withLock { $0.hardState } }
+
+    /// The term of an entry in the log, from memory; nil if it is not there (compacted or not yet written).
+    public func term(at index: LogIndex) -> Term? {
+        table.withLock { table -> Term? in
+            guard let position = Self.segmentPosition(of: index, in: table.segments) else { return nil }
+            let segment = table.segments[position]
+            return Term(segment.terms[Int(index.rawValue - segment.firstIndex.rawValue)])
+        }
+    }
+
+    /// The position of the segment holding `index`, if any.
+    private static func segmentPosition(of index: LogIndex, in segments: [Segment]) -> Int? {
+        guard let first = segments.first, let last = segments.last, index >= first.firstIndex, index <= last.lastIndex else { return nil }
+        var low = 0
+        var high = segments.count - 1
+        while low < high {
+            let middle = (low + high + 1) / 2
+            if segments[middle].firstIndex <= index { low = middle } else { high = middle - 1 }
+        }
+        return index <= segments[low].lastIndex ? low : nil
     }
 
     /// Appends an entry and returns once it is durable under the policy.
@@ -341,9 +476,9 @@ public final class WriteAheadLog: @unchecked Sendable {
             let state = runState
             var batch: [Pending] = []
             var batchBytes = 0
-            while let first = queue.first, batch.isEmpty || batchBytes + first.payload.count <= options.limits.groupCommitSizeMax {
+            while let first = queue.first, batch.isEmpty || batchBytes + first.payloadCount <= options.limits.groupCommitSizeMax {
                 batch.append(queue.removeFirst())
-                batchBytes += first.payload.count
+                batchBytes += first.payloadCount
             }
             queuedBytes -= batchBytes
             queueLock.unlock()
@@ -406,25 +541,43 @@ public final class WriteAheadLog: @unchecked Sendable {
         var completed = 0 // batch[..<completed] have been acknowledged
         var buffered = 0 // batch[completed..<completed + buffered] are in `buffer`
         var offsets: [UInt32] = []
+        var terms: [UInt64] = []
         buffer.removeAll(keepingCapacity: true)
         do throws(WriteFailure) {
             for pending in batch {
-                let size = LogFormat.recordSize(payloadSize: pending.payload.count)
+                if pending.replacesSuffix, let entry = pending.entry {
+                    try flush(&buffer, offsets: &offsets, terms: &terms, into: &current)
+                    try replaceSuffix(from: entry.index, current: &current)
+                    rewriteHardState = writerHardState != nil
+                }
+                var hardState = pending.hardState ?? (rewriteHardState ? writerHardState : nil)
+                var size = pending.entry.map { LogFormat.recordSize(payloadSize: $0.payload.count) } ?? 0
+                size += hardState.map { LogFormat.recordSize(payloadSize: $0.count) } ?? 0
                 let marker = needsSyncMarker(current) ? LogFormat.syncMarkerSize : 0
                 if current.dataEnd + buffer.count + marker + size > options.segmentSize, current.offsets.count + offsets.count > 0 {
-                    try flush(&buffer, offsets: &offsets, into: &current)
+                    try flush(&buffer, offsets: &offsets, terms: &terms, into: &current)
                     try seal(&current)
                     for done in batch[completed..<(completed + buffered)] { done.completion(.success(done.index)) }
                     completed += buffered
                     buffered = 0
-                    current = try startSegment(firstIndex: pending.index)
+                    current = try startSegment(firstIndex: pending.entry?.index ?? current.lastIndex.next)
+                    // Every segment carries the current hard state, so compaction never removes the last copy.
+                    hardState = pending.hardState ?? writerHardState
                 }
                 addSyncMarkerIfNeeded(&buffer, segment: &current)
-                offsets.append(UInt32(current.dataEnd + buffer.count))
-                LogFormat.appendRecord(type: .entry, index: pending.index, term: pending.term, payload: pending.payload, to: &buffer)
+                if let hardState {
+                    LogFormat.appendRecord(type: .hardState, index: .zero, term: .zero, payload: hardState, to: &buffer)
+                    writerHardState = hardState
+                    rewriteHardState = false
+                }
+                if let entry = pending.entry {
+                    offsets.append(UInt32(current.dataEnd + buffer.count))
+                    terms.append(entry.term.rawValue)
+                    LogFormat.appendRecord(type: .entry, index: entry.index, term: entry.term, payload: entry.payload, to: &buffer)
+                }
                 buffered += 1
             }
-            try flush(&buffer, offsets: &offsets, into: &current)
+            try flush(&buffer, offsets: &offsets, terms: &terms, into: &current)
             if options.fsyncPolicy == .always { try synchronize(&current) }
         } catch {
             let failed = Array(batch[completed...])
@@ -441,6 +594,45 @@ public final class WriteAheadLog: @unchecked Sendable {
         return options.fsyncPolicy == .always ? .durable : .written
     }
 
+    /// Drops the log from `index` on (explicit-index writes; Raft §5.3). Newer segments go first,
+    /// newest first, each removal synced, so a crash leaves a prefix of the old log (whose suffix
+    /// was never committed); then the segment holding `index` is cut at that entry and becomes the
+    /// newest. Runs on the writer thread, in order with the writes.
+    private func replaceSuffix(from index: LogIndex, current: inout Segment) throws(WriteFailure) {
+        let segments = table.withLock { $0.segments }
+        guard let position = Self.segmentPosition(of: index, in: segments) else {
+            precondition(index == segments[segments.count - 1].lastIndex.next, "replacing entry \(index), which was compacted away")
+            return
+        }
+        for segment in segments[(position + 1)...].reversed() {
+            try attemptFatal { () throws(FileSystemError) in try fileSystem.remove(joinPath(directory, segment.name)) }
+            fileSystem.close(segment.handle)
+            try attemptFatal { () throws(FileSystemError) in try fileSystem.synchronizeDirectory(directory) }
+            table.withLock { _ = $0.segments.removeLast() }
+        }
+        var target = segments[position]
+        if position < segments.count - 1 {
+            // A sealed segment becomes the newest again: reopen it for writing.
+            let path = joinPath(directory, target.name)
+            let handle = try attemptFatal { () throws(FileSystemError) -> OpenFile in try fileSystem.open(path, options: []) }
+            fileSystem.close(target.handle)
+            target.handle = handle
+        }
+        let keep = Int(index.rawValue - target.firstIndex.rawValue)
+        let cut = Int(target.offsets[keep])
+        let handle = target.handle
+        try attemptFatal { () throws(FileSystemError) in try fileSystem.truncate(handle, to: cut) }
+        target.offsets.removeLast(target.offsets.count - keep)
+        target.terms.removeLast(target.terms.count - keep)
+        target.lastIndex = LogIndex(target.firstIndex.rawValue + UInt64(keep) - 1)
+        target.dataEnd = cut
+        target.syncedEnd = min(target.syncedEnd, cut)
+        target.lastMarker = min(target.lastMarker, cut)
+        let replaced = target
+        table.withLock { $0.segments[$0.segments.count - 1] = replaced }
+        current = target
+    }
+
     /// Whether a sync has moved the segment's synced end past what its last marker says.
     private func needsSyncMarker(_ segment: Segment) -> Bool {
         segment.syncedEnd > max(segment.lastMarker, LogFormat.segmentHeaderSize)
@@ -454,26 +646,31 @@ public final class WriteAheadLog: @unchecked Sendable {
     }
 
     /// Writes the buffer at the segment's end and publishes the new records to readers.
-    private func flush(_ buffer: inout [UInt8], offsets: inout [UInt32], into segment: inout Segment) throws(WriteFailure) {
+    private func flush(_ buffer: inout [UInt8], offsets: inout [UInt32], terms: inout [UInt64], into segment: inout Segment) throws(WriteFailure) {
         guard !buffer.isEmpty else { return }
         let handle = segment.handle
         let at = segment.dataEnd
         try attempt { () throws(FileSystemError) in try fileSystem.write(handle, buffer, at: at) }
         segment.dataEnd += buffer.count
         segment.offsets.append(contentsOf: offsets)
+        segment.terms.append(contentsOf: terms)
         segment.lastIndex = LogIndex(segment.lastIndex.rawValue + UInt64(offsets.count))
         let published = segment
         let written = UInt64(buffer.count)
+        let hardState = writerHardState
         table.withLock { table in
             let newest = table.segments.count - 1
             table.segments[newest].dataEnd = published.dataEnd
             table.segments[newest].offsets.append(contentsOf: offsets)
+            table.segments[newest].terms.append(contentsOf: terms)
             table.segments[newest].lastIndex = published.lastIndex
             table.segments[newest].lastMarker = published.lastMarker
             table.bytesWritten += written
+            table.hardState = hardState
         }
         buffer.removeAll(keepingCapacity: true)
         offsets.removeAll(keepingCapacity: true)
+        terms.removeAll(keepingCapacity: true)
     }
 
     /// fdatasync of the segment; on success its synced end moves to its data end.
@@ -533,7 +730,7 @@ public final class WriteAheadLog: @unchecked Sendable {
         }
         let header = LogFormat.segmentHeaderSize
         return Segment(name: name, handle: handle, firstIndex: firstIndex, lastIndex: LogIndex(firstIndex.rawValue - 1),
-                       dataEnd: header, offsets: [], syncedEnd: header, lastMarker: header)
+                       dataEnd: header, offsets: [], terms: [], syncedEnd: header, lastMarker: header)
     }
 
     /// Syncs the newest segment (everysec, never at close). Returns false if the log stopped.
@@ -554,7 +751,9 @@ public final class WriteAheadLog: @unchecked Sendable {
     /// ENOSPC: fail the batch's rest and the queue, cut the segment back to its last acknowledged
     /// record (the table holds exactly the acknowledged ones), and go on.
     private func recoverFromNoSpace(_ error: FileSystemError, failed: [Pending]) {
-        let newest = table.withLock { $0.segments[$0.segments.count - 1] }
+        let (newest, published) = table.withLock { ($0.segments[$0.segments.count - 1], $0.hardState) }
+        // A hard state in the failed part was not written: fall back to the one that was.
+        writerHardState = published
         queueLock.lock()
         let abandoned = Array(queue)
         queue.removeAll()
@@ -593,6 +792,7 @@ public final class WriteAheadLog: @unchecked Sendable {
                 let last = table.segments.count - 1
                 let kept = table.segments[last].offsets.prefix { Int($0) < newest.syncedEnd }.count
                 table.segments[last].offsets.removeLast(table.segments[last].offsets.count - kept)
+                table.segments[last].terms.removeLast(table.segments[last].terms.count - kept)
                 table.segments[last].lastIndex = LogIndex(table.segments[last].firstIndex.rawValue - 1 + UInt64(kept))
                 table.segments[last].dataEnd = newest.syncedEnd
             }

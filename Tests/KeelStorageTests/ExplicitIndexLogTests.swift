@@ -1,0 +1,182 @@
+import Foundation
+import KeelCore
+import Testing
+@testable import KeelStorage
+
+struct EmptyCheckpoint: CheckpointSource {
+    func writeCheckpoint(to sink: inout CheckpointSink) throws(StorageError) {}
+}
+
+/// The log as Raft uses it: the caller chooses indexes, may replace an uncommitted suffix, and
+/// persists its hard state in the same durable step.
+@Suite("Write-ahead log with explicit indexes (Raft's log)")
+struct ExplicitIndexLogTests {
+    static func entries(_ range: ClosedRange<UInt64>, term: UInt64, tag: String = "") -> [LogEntry] {
+        range.map { LogEntry(index: LogIndex($0), term: Term(term), payload: Array("\(tag)\($0)@\(term)".utf8) + [UInt8](repeating: 0, count: 60)) }
+    }
+
+    static func open(_ fs: any FileSystem, segmentSize: Int = 4096) throws -> (DataDirectory, WriteAheadLog, RecoveryReport) {
+        let directory = try DataDirectory(path: "/raft", fileSystem: fs)
+        do {
+            let (log, report) = try WriteAheadLog.open(in: directory, options: LogOptions(segmentSize: segmentSize))
+            return (directory, log, report)
+        } catch {
+            directory.unlock()
+            throw error
+        }
+    }
+
+    static func write(_ log: WriteAheadLog, _ entries: [LogEntry], hardState: [UInt8]? = nil) async throws {
+        let result: Result<LogIndex, StorageError> = await withCheckedContinuation { continuation in
+            do throws(StorageError) {
+                try log.write(entries: entries, hardState: hardState) { continuation.resume(returning: $0) }
+            } catch {
+                continuation.resume(returning: .failure(error))
+            }
+        }
+        _ = try result.get()
+    }
+
+    /// The whole log as (index, term, payload), read back.
+    static func contents(_ log: WriteAheadLog) throws -> [LogEntry] {
+        guard log.lastIndex >= log.firstIndex else { return [] }
+        return try (log.firstIndex.rawValue...log.lastIndex.rawValue).map { try log.entry(at: LogIndex($0)) }
+    }
+
+    @Test("entries, their terms and the hard state come back after a restart")
+    func roundTrip() async throws {
+        let fs = SimulatedFileSystem(seed: 41)
+        var (directory, log, _) = try Self.open(fs)
+        try await Self.write(log, Self.entries(1...50, term: 1), hardState: [1, 2, 3])
+        try await Self.write(log, Self.entries(51...60, term: 2), hardState: [4, 5, 6])
+        log.close()
+        directory.unlock()
+        (directory, log, _) = try Self.open(fs)
+        defer {
+            log.close()
+            directory.unlock()
+        }
+        #expect(log.lastIndex == LogIndex(60))
+        #expect(log.hardState == [4, 5, 6])
+        #expect(log.term(at: LogIndex(50)) == Term(1) && log.term(at: LogIndex(51)) == Term(2))
+        #expect(try Self.contents(log) == Self.entries(1...50, term: 1) + Self.entries(51...60, term: 2))
+    }
+
+    @Test("a write at or below the last index replaces the suffix, within the newest segment and across segments")
+    func replaceSuffix() async throws {
+        let fs = SimulatedFileSystem(seed: 42)
+        var (directory, log, _) = try Self.open(fs)
+        try await Self.write(log, Self.entries(1...200, term: 1), hardState: [1])
+        #expect(log.segmentNames.count > 3)
+        try await Self.write(log, Self.entries(195...196, term: 2)) // within the newest segment
+        #expect(log.lastIndex == LogIndex(196))
+        try await Self.write(log, Self.entries(20...25, term: 3), hardState: [3]) // reaches back into an older segment
+        var expected = Self.entries(1...19, term: 1) + Self.entries(20...25, term: 3)
+        #expect(try Self.contents(log) == expected)
+        try await Self.write(log, Self.entries(26...30, term: 3))
+        expected += Self.entries(26...30, term: 3)
+        log.close()
+        directory.unlock()
+        (directory, log, _) = try Self.open(fs)
+        defer {
+            log.close()
+            directory.unlock()
+        }
+        #expect(try Self.contents(log) == expected)
+        #expect(log.hardState == [3])
+        #expect(try Inspector.inspect(path: "/raft", fileSystem: fs).isClean)
+    }
+
+    @Test("the hard state survives rotation and the removal of the segments that first held it")
+    func hardStateSurvivesCompaction() async throws {
+        let fs = SimulatedFileSystem(seed: 43)
+        var (directory, log, _) = try Self.open(fs)
+        try await Self.write(log, Self.entries(1...5, term: 1), hardState: [9, 9])
+        try await Self.write(log, Self.entries(6...300, term: 1))
+        // The caller checkpoints before compacting (recovery refuses a log that starts after its checkpoint).
+        _ = try CheckpointStore(directory: directory.checkpointsPath, fileSystem: fs)
+            .write(EmptyCheckpoint(), metadata: CheckpointMetadata(index: LogIndex(250), term: Term(1), wallTimeMilliseconds: 0))
+        try log.removeSegments(through: LogIndex(250))
+        log.close()
+        directory.unlock()
+        (directory, log, _) = try Self.open(fs)
+        defer {
+            log.close()
+            directory.unlock()
+        }
+        #expect(log.hardState == [9, 9])
+        #expect(log.firstIndex > LogIndex(5))
+    }
+
+    @Test("writes that leave a gap, are not consecutive, or mix with assigned indexes are refused")
+    func refusedWrites() async throws {
+        let fs = SimulatedFileSystem(seed: 44)
+        let (directory, log, _) = try Self.open(fs)
+        defer {
+            log.close()
+            directory.unlock()
+        }
+        try await Self.write(log, Self.entries(1...3, term: 1))
+        await #expect(throws: StorageError.self) { try await Self.write(log, Self.entries(5...6, term: 1)) }
+        let broken = [LogEntry(index: LogIndex(4), term: Term(1), payload: [1]), LogEntry(index: LogIndex(6), term: Term(1), payload: [2])]
+        await #expect(throws: StorageError.self) { try await Self.write(log, broken) }
+        await #expect(throws: StorageError.self) { try await Self.write(log, [], hardState: [UInt8](repeating: 0, count: LogFormat.hardStateSizeMax + 1)) }
+    }
+
+    /// The log as it may be after a crash: everything acknowledged; of a write in flight that
+    /// replaces the suffix from index i, any prefix of the old log down to i - 1 (the replaced
+    /// segments go newest first; for Raft the replaced entries were never committed, since they
+    /// conflict with the leader's log), then the cut and any prefix of the new entries.
+    static func allowed(before: [LogEntry], inFlight: [LogEntry]?) -> [[LogEntry]] {
+        guard let inFlight, let first = inFlight.first else { return [before] }
+        let kept = before.filter { $0.index < first.index }
+        var results: [[LogEntry]] = []
+        for count in kept.count...before.count { results.append(Array(before.prefix(count))) }
+        for count in 0...inFlight.count { results.append(kept + inFlight.prefix(count)) }
+        return results
+    }
+
+    @Test("crash after every mutation of a workload with replacements: recovery holds every acknowledged write")
+    func crashEverywhere() async throws {
+        // The workload: appends, and suffix replacements reaching back across segments.
+        let plan: [(ClosedRange<UInt64>, UInt64)] = [(1...40, 1), (41...80, 1), (70...75, 2), (76...120, 2), (30...35, 3), (36...90, 3), (91...95, 4)]
+        func run(_ fs: SimulatedFileSystem) async -> (acknowledged: [LogEntry], inFlight: [LogEntry]?, hardState: [UInt8]?) {
+            var model: [LogEntry] = []
+            var hardState: [UInt8]?
+            guard let (directory, log, _) = try? Self.open(fs) else { return ([], nil, nil) }
+            defer {
+                log.close()
+                directory.unlock()
+            }
+            for (range, term) in plan {
+                let batch = Self.entries(range, term: term)
+                do { try await Self.write(log, batch, hardState: [UInt8(term)]) } catch { return (model, batch, hardState) }
+                model = model.filter { $0.index < batch[0].index } + batch
+                hardState = [UInt8(term)]
+            }
+            return (model, nil, hardState)
+        }
+        let clean = SimulatedFileSystem(seed: 0)
+        _ = await run(clean)
+        let total = clean.counters.mutations
+        #expect(total > 60)
+        for step in 1...total {
+            for mode in [SimulatedFileSystem.CrashMode.dropUnsynced, .keepRandomPrefix] {
+                let fs = SimulatedFileSystem(seed: UInt64(step))
+                fs.crash(afterMutations: step)
+                let outcome = await run(fs)
+                fs.crash()
+                fs.restart(mode: mode)
+                let (directory, log, _) = try Self.open(fs)
+                let recovered = try Self.contents(log)
+                let candidates = Self.allowed(before: outcome.acknowledged, inFlight: outcome.inFlight)
+                #expect(candidates.contains(recovered), "crash after mutation \(step) of \(total), \(mode): recovered \(recovered.count) entries up to \(recovered.last?.index.rawValue ?? 0)")
+                if let hardState = outcome.hardState, outcome.inFlight == nil {
+                    #expect(log.hardState == hardState, "crash after mutation \(step): hard state")
+                }
+                log.close()
+                directory.unlock()
+            }
+        }
+    }
+}
