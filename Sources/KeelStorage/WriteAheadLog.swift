@@ -74,6 +74,8 @@ public final class WriteAheadLog: @unchecked Sendable {
         let replacesSuffix: Bool
         /// A hard state record to write before the entry.
         let hardState: [UInt8]?
+        /// Drop the whole log and continue after this index (a snapshot was installed).
+        var restartAfter: LogIndex?
         /// The index reported to the completion.
         let index: LogIndex
         let completion: @Sendable (Result<LogIndex, StorageError>) -> Void
@@ -300,6 +302,26 @@ public final class WriteAheadLog: @unchecked Sendable {
             nextIndex = entries.last!.index.next
         }
         queuedBytes += entries.reduce(hardState?.count ?? 0) { $0 + $1.payload.count }
+        queueLock.signal()
+    }
+
+    /// Drops every entry and continues the log after `index`: for a follower that installed a
+    /// snapshot covering `index` (Raft §7). Segments are removed newest first, each removal synced,
+    /// then a segment starting at `index + 1` is created, holding the current hard state.
+    public func restart(after index: LogIndex, completion: @escaping @Sendable (Result<LogIndex, StorageError>) -> Void) throws(StorageError) {
+        queueLock.lock()
+        defer { queueLock.unlock() }
+        switch runState {
+        case .running: break
+        case .stopped(let reason): throw .stopped(reason: reason)
+        case .closing: throw .closed
+        }
+        precondition(indexMode != .assigned, "restart(after:) is for explicit-index logs")
+        indexMode = .explicit
+        var pending = Pending(entry: nil, replacesSuffix: false, hardState: nil, index: index, completion: completion)
+        pending.restartAfter = index
+        queue.append(pending)
+        nextIndex = index.next
         queueLock.signal()
     }
 
@@ -545,6 +567,11 @@ public final class WriteAheadLog: @unchecked Sendable {
         buffer.removeAll(keepingCapacity: true)
         do throws(WriteFailure) {
             for pending in batch {
+                if let after = pending.restartAfter {
+                    try flush(&buffer, offsets: &offsets, terms: &terms, into: &current)
+                    try restartLog(after: after, current: &current)
+                    rewriteHardState = writerHardState != nil
+                }
                 if pending.replacesSuffix, let entry = pending.entry {
                     try flush(&buffer, offsets: &offsets, terms: &terms, into: &current)
                     try replaceSuffix(from: entry.index, current: &current)
@@ -592,6 +619,25 @@ public final class WriteAheadLog: @unchecked Sendable {
         }
         for done in batch[completed...] { done.completion(.success(done.index)) }
         return options.fsyncPolicy == .always ? .durable : .written
+    }
+
+    /// Removes every segment (newest first, each removal synced) and starts one after `index`.
+    /// The caller has made a checkpoint covering `index` durable first, so a crash in between
+    /// recovers from that checkpoint with an empty log.
+    private func restartLog(after index: LogIndex, current: inout Segment) throws(WriteFailure) {
+        let segments = table.withLock { $0.segments }
+        for segment in segments.reversed() {
+            try attemptFatal { () throws(FileSystemError) in try fileSystem.remove(joinPath(directory, segment.name)) }
+            try attemptFatal { () throws(FileSystemError) in try fileSystem.synchronizeDirectory(directory) }
+        }
+        let fresh = try attemptFatal { () throws(FileSystemError) -> Segment in
+            try Self.createSegment(directory: directory, firstIndex: index.next, fileSystem: fileSystem, size: options.segmentSize)
+        }
+        // Readers hold the table lock while they read, so the old handles close only once no
+        // reader can reach them.
+        table.withLock { $0.segments = [fresh] }
+        for segment in segments { fileSystem.close(segment.handle) }
+        current = fresh
     }
 
     /// Drops the log from `index` on (explicit-index writes; Raft §5.3). Newer segments go first,

@@ -180,3 +180,32 @@ struct ExplicitIndexLogTests {
         }
     }
 }
+
+@Suite("Write-ahead log restart after a snapshot")
+struct RestartAfterSnapshotTests {
+    @Test("restart(after:) drops every entry and continues after the snapshot's index, keeping the hard state")
+    func restartAfterSnapshot() async throws {
+        let fs = SimulatedFileSystem(seed: 45)
+        var (directory, log, _) = try ExplicitIndexLogTests.open(fs)
+        try await ExplicitIndexLogTests.write(log, ExplicitIndexLogTests.entries(1...100, term: 1), hardState: [7])
+        _ = try CheckpointStore(directory: directory.checkpointsPath, fileSystem: fs)
+            .write(EmptyCheckpoint(), metadata: CheckpointMetadata(index: LogIndex(500), term: Term(3), wallTimeMilliseconds: 0))
+        let done: Result<LogIndex, StorageError> = await withCheckedContinuation { continuation in
+            do throws(StorageError) { try log.restart(after: LogIndex(500)) { continuation.resume(returning: $0) } } catch {
+                continuation.resume(returning: .failure(error))
+            }
+        }
+        _ = try done.get()
+        try await ExplicitIndexLogTests.write(log, ExplicitIndexLogTests.entries(501...510, term: 3))
+        #expect(log.firstIndex == LogIndex(501) && log.lastIndex == LogIndex(510))
+        log.close()
+        directory.unlock()
+        (directory, log, _) = try ExplicitIndexLogTests.open(fs)
+        defer {
+            log.close()
+            directory.unlock()
+        }
+        #expect(try ExplicitIndexLogTests.contents(log) == ExplicitIndexLogTests.entries(501...510, term: 3))
+        #expect(log.hardState == [7])
+    }
+}
