@@ -49,6 +49,7 @@ let package = Package(
             dependencies: [
                 "KeelCore",
                 "KeelRaft",
+                "KeelStorage",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
@@ -108,6 +109,7 @@ let package = Package(
                 "Keel",
                 "KeelCore",
                 "KeelRaft",
+                "KeelStorage",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),

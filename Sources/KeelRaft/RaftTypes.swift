@@ -175,6 +175,12 @@ public struct IncomingSnapshotChunk: Sendable, Equatable {
     public var metadata: SnapshotMetadata
     public var offset: Int
     public var data: [UInt8]
+
+    public init(metadata: SnapshotMetadata, offset: Int, data: [UInt8]) {
+        self.metadata = metadata
+        self.offset = offset
+        self.data = data
+    }
 }
 
 /// A linearizable read may be served once the state machine has applied `index`.

@@ -1,0 +1,278 @@
+// Raft's persisted state on the storage engine: one log, never a second copy.
+//
+// - Entries and the hard state live in the data directory's write-ahead log (explicit-index
+//   writes; a conflicting suffix is replaced in place; the hard state shares the entries'
+//   fdatasync). An entry's payload is its kind (one byte) followed by its data.
+// - Snapshots are checkpoints. A Raft snapshot's checkpoint body is the membership at its index
+//   followed by the state machine's bytes. Followers receive the checkpoint *file*, chunk by chunk,
+//   exactly as it is on the leader's disk, so its checksums travel with it; the follower writes the
+//   chunks to a temporary file and installs it only once the whole file verifies.
+//
+// Used by one owner (the node's loop), never concurrently.
+
+import KeelCore
+import KeelRaft
+import KeelStorage
+
+/// `RaftStorage` on a Keel data directory.
+public final class DurableRaftStorage: RaftStorage {
+    public let directory: DataDirectory
+    public let log: WriteAheadLog
+    let checkpoints: CheckpointStore
+    let fileSystem: any FileSystem
+    /// The persisted hard state.
+    public private(set) var hardState: HardState
+    public private(set) var snapshot: SnapshotMetadata
+    /// The name of the temporary file an incoming snapshot is written to.
+    static let incomingName = "incoming.ckpt.tmp"
+
+    /// Opens (creating) the Raft storage of a data directory.
+    ///
+    /// - Parameter initialMembership: the membership of a new cluster (used when there is no checkpoint).
+    /// - Returns: the storage, and the state machine bytes of the newest checkpoint (nil when there is none).
+    public static func open(path: String, options: LogOptions = LogOptions(), initialMembership: Membership,
+                            fileSystem: any FileSystem = POSIXFileSystem()) throws(StorageError) -> (DurableRaftStorage, [UInt8]?) {
+        let directory = try DataDirectory(path: path, fileSystem: fileSystem)
+        let log: WriteAheadLog
+        let report: RecoveryReport
+        do { (log, report) = try WriteAheadLog.open(in: directory, options: options) } catch {
+            directory.unlock()
+            throw error
+        }
+        do throws(StorageError) {
+            let checkpoints = CheckpointStore(directory: directory.checkpointsPath, fileSystem: fileSystem, limits: options.limits)
+            var snapshot = SnapshotMetadata(index: .zero, term: .zero, membership: initialMembership)
+            var state: [UInt8]?
+            if let loaded = report.checkpoint, let file = try checkpoints.list().first(where: { $0.index == loaded.index && $0.term == loaded.term }) {
+                guard case .success(let (metadata, body)) = try checkpoints.load(file) else {
+                    throw StorageError.corruption(file: file.name, offset: 0, reason: "the checkpoint recovery used no longer verifies",
+                                                  remedy: "Run `keel verify \(path)`.")
+                }
+                let (membership, rest) = try decodeSnapshotBody(body, file: file.name)
+                snapshot = SnapshotMetadata(index: metadata.index, term: metadata.term, membership: membership)
+                state = rest
+            }
+            let hardState = try decodeHardState(log.hardState) ?? HardState(term: snapshot.term, votedFor: nil, commit: snapshot.index)
+            let storage = DurableRaftStorage(directory: directory, log: log, checkpoints: checkpoints, fileSystem: fileSystem,
+                                             hardState: hardState, snapshot: snapshot)
+            return (storage, state)
+        } catch {
+            log.close()
+            directory.unlock()
+            throw error
+        }
+    }
+
+    init(directory: DataDirectory, log: WriteAheadLog, checkpoints: CheckpointStore, fileSystem: any FileSystem,
+         hardState: HardState, snapshot: SnapshotMetadata) {
+        self.directory = directory
+        self.log = log
+        self.checkpoints = checkpoints
+        self.fileSystem = fileSystem
+        self.hardState = hardState
+        self.snapshot = snapshot
+    }
+
+    /// Closes the log and releases the directory.
+    public func close() {
+        log.close()
+        directory.unlock()
+    }
+
+    // MARK: - Encodings (part of the storage format: never change, add a version)
+
+    static func encode(_ state: HardState) -> [UInt8] {
+        var writer = ByteWriter(capacity: 25)
+        writer.write(UInt8(1)) // version
+        writer.write(state.term.rawValue)
+        writer.write(state.votedFor?.rawValue ?? 0)
+        writer.write(state.commit.rawValue)
+        return writer.bytes
+    }
+
+    static func decodeHardState(_ bytes: [UInt8]?) throws(StorageError) -> HardState? {
+        guard let bytes else { return nil }
+        var reader = ByteReader(bytes)
+        do {
+            guard try reader.readUInt8() == 1 else { throw DecodingError("hard state version", offset: 0) }
+            let term = Term(try reader.readUInt64())
+            let vote = try reader.readUInt64()
+            let commit = LogIndex(try reader.readUInt64())
+            return HardState(term: term, votedFor: vote == 0 ? nil : NodeID(vote), commit: commit)
+        } catch {
+            throw .corruption(file: "log", offset: 0, reason: "the hard state record does not decode: \(error)", remedy: "Run `keel verify`.")
+        }
+    }
+
+    static func encodeEntry(_ entry: Entry) -> LogEntry {
+        LogEntry(index: entry.index, term: entry.term, payload: [entry.kind.rawValue] + entry.data)
+    }
+
+    static func decodeEntry(_ entry: LogEntry) throws(StorageError) -> Entry {
+        guard let first = entry.payload.first, let kind = EntryKind(rawValue: first) else {
+            throw .corruption(file: "log", offset: 0, reason: "entry \(entry.index) has no valid kind", remedy: "Run `keel verify`.")
+        }
+        return Entry(index: entry.index, term: entry.term, kind: kind, data: Array(entry.payload.dropFirst()))
+    }
+
+    static func encodeMembership(_ membership: Membership) -> [UInt8] {
+        var writer = ByteWriter()
+        writer.write(UInt32(membership.voters.count))
+        for voter in membership.voters { writer.write(voter.rawValue) }
+        writer.write(UInt32(membership.learners.count))
+        for learner in membership.learners { writer.write(learner.rawValue) }
+        return writer.bytes
+    }
+
+    static func decodeSnapshotBody(_ body: [UInt8], file: String) throws(StorageError) -> (Membership, [UInt8]) {
+        var reader = ByteReader(body)
+        do {
+            var groups: [[NodeID]] = []
+            for name in ["voters", "learners"] {
+                let count = Int(try reader.readUInt32(name))
+                guard count <= 4096, count <= reader.remaining / 8 else { throw DecodingError("\(count) \(name)", offset: reader.position) }
+                var members: [NodeID] = []
+                for _ in 0..<count { members.append(NodeID(try reader.readUInt64(name))) }
+                groups.append(members)
+            }
+            return (Membership(voters: groups[0], learners: groups[1]), Array(body[reader.position...]))
+        } catch {
+            throw .corruption(file: file, offset: 0, reason: "the snapshot's membership does not decode: \(error)", remedy: "Run `keel verify`.")
+        }
+    }
+
+    // MARK: - RaftStorage
+
+    public func initialState() -> (HardState, Membership) { (hardState, snapshot.membership) }
+
+    public var firstIndex: LogIndex { snapshot.index.next }
+
+    public var lastIndex: LogIndex { max(log.lastIndex, snapshot.index) }
+
+    public func term(at index: LogIndex) throws(RaftStorageError) -> Term {
+        if index == snapshot.index { return snapshot.term }
+        if index < snapshot.index { throw .compacted }
+        if index > lastIndex { throw .unavailable }
+        guard let term = log.term(at: index) else { throw .compacted }
+        return term
+    }
+
+    public func entries(from: LogIndex, to: LogIndex, maxSize: Int) throws(RaftStorageError) -> [Entry] {
+        if from <= snapshot.index { throw .compacted }
+        if from > to || to > lastIndex.next { throw .unavailable }
+        var result: [Entry] = []
+        var size = 0
+        var index = from
+        while index < to {
+            let entry: Entry
+            do { entry = try Self.decodeEntry(try log.entry(at: index)) } catch {
+                // Compacted meanwhile, or unreadable: Raft falls back to sending the snapshot.
+                throw .compacted
+            }
+            size += entry.size
+            if !result.isEmpty && size > maxSize { break }
+            result.append(entry)
+            index = index.next
+        }
+        return result
+    }
+
+    public func snapshotChunk(of snapshot: SnapshotMetadata, offset: Int, maxSize: Int) throws(RaftStorageError) -> SnapshotChunk {
+        let path = directory.checkpointsPath + "/" + CheckpointFormat.fileName(index: snapshot.index, term: snapshot.term)
+        do {
+            let handle = try fileSystem.open(path, options: [.readOnly])
+            defer { fileSystem.close(handle) }
+            let size = try fileSystem.size(of: handle)
+            let start = min(max(offset, 0), size)
+            let data = try fileSystem.readRange(handle, offset: start, count: min(max(maxSize, 1), size - start), path: path)
+            return SnapshotChunk(data: data, isLast: start + data.count >= size)
+        } catch {
+            throw .snapshotOutOfDate
+        }
+    }
+
+    // MARK: - Writes by the node's loop
+
+    /// Persists a Ready's entries and hard state in one durable step.
+    public func persist(entries: [Entry], hardState newState: HardState?) async throws(StorageError) {
+        guard !entries.isEmpty || (newState != nil && newState != hardState) else { return }
+        let encoded = newState.map(Self.encode)
+        let result: Result<LogIndex, StorageError> = await withCheckedContinuation { continuation in
+            do throws(StorageError) {
+                try log.write(entries: entries.map(Self.encodeEntry), hardState: encoded) { continuation.resume(returning: $0) }
+            } catch {
+                continuation.resume(returning: .failure(error))
+            }
+        }
+        _ = try result.get()
+        if let newState { hardState = newState }
+    }
+
+    /// Writes a chunk of an incoming snapshot (the leader's checkpoint file) at its offset.
+    public func receive(_ chunk: IncomingSnapshotChunk) throws(StorageError) {
+        let path = directory.checkpointsPath + "/" + Self.incomingName
+        do {
+            let handle = try fileSystem.open(path, options: chunk.offset == 0 ? [.create, .truncate] : [.create])
+            defer { fileSystem.close(handle) }
+            try fileSystem.write(handle, chunk.data, at: chunk.offset)
+        } catch {
+            throw error.kind == .noSpace ? .noSpace(error) : .fileSystem(error)
+        }
+    }
+
+    /// Installs a snapshot whose chunks were all received: verifies the file, publishes it as a
+    /// checkpoint, and restarts the log after its index.
+    ///
+    /// - Returns: the state machine bytes to restore.
+    public func install(_ metadata: SnapshotMetadata) async throws(StorageError) -> [UInt8] {
+        let temporary = directory.checkpointsPath + "/" + Self.incomingName
+        let final = directory.checkpointsPath + "/" + CheckpointFormat.fileName(index: metadata.index, term: metadata.term)
+        let bytes: [UInt8]
+        do { bytes = try fileSystem.readFile(temporary) } catch { throw .fileSystem(error) }
+        guard case .success(let (header, body)) = CheckpointFormat.verify(bytes, limits: log.options.limits),
+              header.index == metadata.index, header.term == metadata.term else {
+            throw .corruption(file: temporary, offset: 0, reason: "the received snapshot does not verify", remedy: "The leader sends it again.")
+        }
+        let (membership, state) = try Self.decodeSnapshotBody(Array(bytes[body]), file: temporary)
+        do {
+            let handle = try fileSystem.open(temporary, options: [])
+            try fileSystem.synchronize(handle)
+            fileSystem.close(handle)
+            try fileSystem.rename(temporary, to: final)
+            try fileSystem.synchronizeDirectory(directory.checkpointsPath)
+        } catch { throw .fileSystem(error) }
+        let result: Result<LogIndex, StorageError> = await withCheckedContinuation { continuation in
+            do throws(StorageError) {
+                try log.restart(after: metadata.index) { continuation.resume(returning: $0) }
+            } catch {
+                continuation.resume(returning: .failure(error))
+            }
+        }
+        _ = try result.get()
+        snapshot = SnapshotMetadata(index: metadata.index, term: metadata.term, membership: membership)
+        _ = try checkpoints.prune(keep: 2)
+        return state
+    }
+
+    /// Takes a snapshot of applied state at `index`: writes the checkpoint (membership, then the
+    /// state's bytes), keeps the newest two, and removes log segments the older one covers.
+    public func createSnapshot(at index: LogIndex, term: Term, membership: Membership, state: some CheckpointSource,
+                               wallTimeMilliseconds: Int64) throws(StorageError) {
+        let body = SnapshotBody(membership: Self.encodeMembership(membership), state: state)
+        _ = try checkpoints.write(body, metadata: CheckpointMetadata(index: index, term: term, wallTimeMilliseconds: wallTimeMilliseconds))
+        snapshot = SnapshotMetadata(index: index, term: term, membership: membership)
+        let kept = try checkpoints.prune(keep: 2)
+        if kept.count == 2 { try log.removeSegments(through: kept[1].index) }
+    }
+}
+
+/// A snapshot body: the membership, then the state machine's bytes.
+struct SnapshotBody<State: CheckpointSource>: CheckpointSource {
+    let membership: [UInt8]
+    let state: State
+
+    func writeCheckpoint(to sink: inout CheckpointSink) throws(StorageError) {
+        try sink.write(membership)
+        try state.writeCheckpoint(to: &sink)
+    }
+}
