@@ -66,8 +66,9 @@ struct RecoveredLog {
     var report: RecoveryReport
     var scans: [SegmentScan]
     var nextIndex: LogIndex
-    /// The newest hard state record found.
+    /// The newest hard state (the highest sequence number in the log's records and the hard state file).
     var hardState: [UInt8]?
+    var hardStateSequence: UInt64 = 0
 }
 
 /// Reads a whole segment, refusing a file larger than any segment Keel writes.
@@ -263,8 +264,18 @@ public enum Recovery {
         // The checkpoint may cover more than the log kept (fsync `everysec` or `never`): the
         // checkpoint is durable, so the log simply continues after it in a fresh segment.
         var nextIndex = max(logLastIndex ?? base, base).next
-        let hardState = scans.reversed().lazy.compactMap(\.hardState).first
+        var newest: (sequence: UInt64, state: [UInt8])? = try HardStateFile.read(logPath: directory.logPath, fileSystem: fileSystem)
+        for scan in scans {
+            guard let payload = scan.hardState, let record = HardStateFile.split(payload) else { continue }
+            if newest == nil || record.sequence > newest!.sequence { newest = record }
+        }
         if repair, let logLastIndex, logLastIndex < base {
+            if let newest {
+                // The segments about to go may hold the only copy of the hard state.
+                do { try HardStateFile.write(logPath: directory.logPath, sequence: newest.sequence, state: newest.state, fileSystem: fileSystem) } catch {
+                    throw .fileSystem(error)
+                }
+            }
             do {
                 for scan in scans.reversed() { try fileSystem.remove(joinPath(directory.logPath, scan.name)) }
                 try fileSystem.synchronizeDirectory(directory.logPath)
@@ -277,6 +288,6 @@ public enum Recovery {
         if stopAt != nil { report.lastIndex = stopAt! }
         let elapsed = ContinuousClock.now - started
         report.durationNanoseconds = UInt64(elapsed.components.seconds) * 1_000_000_000 + UInt64(elapsed.components.attoseconds / 1_000_000_000)
-        return RecoveredLog(report: report, scans: scans, nextIndex: nextIndex, hardState: hardState)
+        return RecoveredLog(report: report, scans: scans, nextIndex: nextIndex, hardState: newest?.state, hardStateSequence: newest?.sequence ?? 0)
     }
 }

@@ -47,7 +47,7 @@ public struct SegmentScan: Sendable {
     public var syncedEnd: Int
     /// The term of each valid entry, in order (parallel to `offsets`).
     public var terms: [UInt64] = []
-    /// The newest hard state record in the segment, if any.
+    /// The newest hard state record's payload in the segment (sequence number, then state), if any.
     public var hardState: [UInt8]?
 
     /// The number of valid records.

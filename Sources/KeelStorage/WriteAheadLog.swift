@@ -157,6 +157,8 @@ public final class WriteAheadLog: @unchecked Sendable {
     private var writerHardState: [UInt8]?
     /// Whether the next record must be preceded by `writerHardState` (after a suffix was replaced).
     private var rewriteHardState = false
+    /// The sequence number of `writerHardState`; each new hard state takes the next one.
+    private var writerHardStateSequence: UInt64 = 0
 
     private let table: Mutex<Table>
 
@@ -168,7 +170,7 @@ public final class WriteAheadLog: @unchecked Sendable {
     ///   - scans: the segments, oldest first, each ending clean.
     ///   - nextIndex: the index the next append gets.
     init(directory: String, fileSystem: any FileSystem, options: LogOptions, scans: [SegmentScan], nextIndex: LogIndex,
-         hardState: [UInt8]? = nil) throws(StorageError) {
+         hardState: [UInt8]? = nil, hardStateSequence: UInt64 = 0) throws(StorageError) {
         try options.validate()
         self.directory = directory
         self.options = options
@@ -199,6 +201,7 @@ public final class WriteAheadLog: @unchecked Sendable {
         }
         table = Mutex(Table(segments: segments, hardState: hardState))
         writerHardState = hardState
+        writerHardStateSequence = hardStateSequence
         // Written again into the newest segment with the next record: recovery may have removed
         // the segment that held it (a checkpoint that outran the log).
         rewriteHardState = hardState != nil
@@ -217,7 +220,8 @@ public final class WriteAheadLog: @unchecked Sendable {
     public static func open(in directory: DataDirectory, options: LogOptions) throws(StorageError) -> (WriteAheadLog, RecoveryReport) {
         let recovered = try Recovery.run(directory: directory, options: options) { (_, _) throws(StorageError) in } apply: { _ in }
         let log = try WriteAheadLog(directory: directory.logPath, fileSystem: directory.fileSystem, options: options,
-                                    scans: recovered.scans, nextIndex: recovered.nextIndex, hardState: recovered.hardState)
+                                    scans: recovered.scans, nextIndex: recovered.nextIndex, hardState: recovered.hardState,
+                                    hardStateSequence: recovered.hardStateSequence)
         return (log, recovered.report)
     }
 
@@ -265,8 +269,8 @@ public final class WriteAheadLog: @unchecked Sendable {
         for entry in entries where entry.payload.count > options.limits.entrySizeMax {
             throw .entryTooLarge(size: entry.payload.count, limit: options.limits.entrySizeMax)
         }
-        if let hardState, hardState.count > LogFormat.hardStateSizeMax {
-            throw .entryTooLarge(size: hardState.count, limit: LogFormat.hardStateSizeMax)
+        if let hardState, hardState.count > LogFormat.hardStateSizeMax - 8 {
+            throw .entryTooLarge(size: hardState.count, limit: LogFormat.hardStateSizeMax - 8)
         }
         for (offset, entry) in entries.enumerated() where offset > 0 {
             guard entry.index == entries[offset - 1].index.next else { throw .invalidConfiguration("entries written together must be consecutive") }
@@ -285,6 +289,10 @@ public final class WriteAheadLog: @unchecked Sendable {
             guard first.index.rawValue >= 1, first.index <= nextIndex else {
                 throw .invalidConfiguration("entry \(first.index) would leave a gap after \(LogIndex(nextIndex.rawValue - 1))")
             }
+            let oldest = table.withLock { $0.segments[0].firstIndex }
+            guard first.index >= oldest || first.index == nextIndex else {
+                throw .invalidConfiguration("entry \(first.index) would replace entries already compacted (the log begins at \(oldest))")
+            }
         }
         let replaces = entries.first.map { $0.index < nextIndex } ?? false
         if entries.isEmpty {
@@ -295,7 +303,9 @@ public final class WriteAheadLog: @unchecked Sendable {
                 let isFirst = offset == 0
                 let isLast = offset == entries.count - 1
                 let item: (index: LogIndex, term: Term, payload: [UInt8]) = (entry.index, entry.term, entry.payload)
-                let pending = Pending(entry: item, replacesSuffix: isFirst && replaces, hardState: isFirst ? hardState : nil,
+                // The hard state goes after the last entry: a commit index never becomes durable
+                // before the entries it covers, even when the write spans batches or segments.
+                let pending = Pending(entry: item, replacesSuffix: isFirst && replaces, hardState: isLast ? hardState : nil,
                                       index: entry.index, completion: isLast ? completion : ignore)
                 queue.append(pending)
             }
@@ -577,9 +587,13 @@ public final class WriteAheadLog: @unchecked Sendable {
                     try replaceSuffix(from: entry.index, current: &current)
                     rewriteHardState = writerHardState != nil
                 }
-                var hardState = pending.hardState ?? (rewriteHardState ? writerHardState : nil)
+                // The current hard state again where it may have been cut away, before the entry;
+                // a new one after the entry.
+                var carried = rewriteHardState ? writerHardState : nil
+                let fresh = pending.hardState
                 var size = pending.entry.map { LogFormat.recordSize(payloadSize: $0.payload.count) } ?? 0
-                size += hardState.map { LogFormat.recordSize(payloadSize: $0.count) } ?? 0
+                size += carried.map { LogFormat.recordSize(payloadSize: $0.count + 8) } ?? 0
+                size += fresh.map { LogFormat.recordSize(payloadSize: $0.count + 8) } ?? 0
                 let marker = needsSyncMarker(current) ? LogFormat.syncMarkerSize : 0
                 if current.dataEnd + buffer.count + marker + size > options.segmentSize, current.offsets.count + offsets.count > 0 {
                     try flush(&buffer, offsets: &offsets, terms: &terms, into: &current)
@@ -589,18 +603,25 @@ public final class WriteAheadLog: @unchecked Sendable {
                     buffered = 0
                     current = try startSegment(firstIndex: pending.entry?.index ?? current.lastIndex.next)
                     // Every segment carries the current hard state, so compaction never removes the last copy.
-                    hardState = pending.hardState ?? writerHardState
+                    if fresh == nil { carried = writerHardState }
                 }
                 addSyncMarkerIfNeeded(&buffer, segment: &current)
-                if let hardState {
-                    LogFormat.appendRecord(type: .hardState, index: .zero, term: .zero, payload: hardState, to: &buffer)
-                    writerHardState = hardState
+                if let carried {
+                    let payload = HardStateFile.join(sequence: writerHardStateSequence, state: carried)
+                    LogFormat.appendRecord(type: .hardState, index: .zero, term: .zero, payload: payload, to: &buffer)
                     rewriteHardState = false
                 }
                 if let entry = pending.entry {
                     offsets.append(UInt32(current.dataEnd + buffer.count))
                     terms.append(entry.term.rawValue)
                     LogFormat.appendRecord(type: .entry, index: entry.index, term: entry.term, payload: entry.payload, to: &buffer)
+                }
+                if let fresh {
+                    writerHardStateSequence += 1
+                    let payload = HardStateFile.join(sequence: writerHardStateSequence, state: fresh)
+                    LogFormat.appendRecord(type: .hardState, index: .zero, term: .zero, payload: payload, to: &buffer)
+                    writerHardState = fresh
+                    rewriteHardState = false
                 }
                 buffered += 1
             }
@@ -621,10 +642,22 @@ public final class WriteAheadLog: @unchecked Sendable {
         return options.fsyncPolicy == .always ? .durable : .written
     }
 
+    /// Before segments are removed or cut: make what is written durable, then put the current hard
+    /// state in the hard state file, so no crash in what follows can lose it or bring back an older one.
+    private func secureHardState(_ current: inout Segment) throws(WriteFailure) {
+        guard let state = writerHardState else { return }
+        try synchronize(&current)
+        let sequence = writerHardStateSequence
+        try attemptFatal { () throws(FileSystemError) in
+            try HardStateFile.write(logPath: directory, sequence: sequence, state: state, fileSystem: fileSystem)
+        }
+    }
+
     /// Removes every segment (newest first, each removal synced) and starts one after `index`.
     /// The caller has made a checkpoint covering `index` durable first, so a crash in between
-    /// recovers from that checkpoint with an empty log.
+    /// recovers from that checkpoint with an empty log; the hard state is in its file.
     private func restartLog(after index: LogIndex, current: inout Segment) throws(WriteFailure) {
+        try secureHardState(&current)
         let segments = table.withLock { $0.segments }
         for segment in segments.reversed() {
             try attemptFatal { () throws(FileSystemError) in try fileSystem.remove(joinPath(directory, segment.name)) }
@@ -640,34 +673,45 @@ public final class WriteAheadLog: @unchecked Sendable {
         current = fresh
     }
 
-    /// Drops the log from `index` on (explicit-index writes; Raft §5.3). Newer segments go first,
-    /// newest first, each removal synced, so a crash leaves a prefix of the old log (whose suffix
-    /// was never committed); then the segment holding `index` is cut at that entry and becomes the
-    /// newest. Runs on the writer thread, in order with the writes.
+    /// Drops the log from `index` on (explicit-index writes; Raft §5.3). The hard state goes to
+    /// its file first; then newer segments go, newest first, each removal synced, so a crash leaves
+    /// a prefix of the old log (whose suffix was never committed); then the segment holding `index`
+    /// is cut at that entry, the cut synced, and it becomes the newest. Runs on the writer thread,
+    /// in order with the writes.
     private func replaceSuffix(from index: LogIndex, current: inout Segment) throws(WriteFailure) {
         let segments = table.withLock { $0.segments }
         guard let position = Self.segmentPosition(of: index, in: segments) else {
             precondition(index == segments[segments.count - 1].lastIndex.next, "replacing entry \(index), which was compacted away")
             return
         }
+        try secureHardState(&current)
         for segment in segments[(position + 1)...].reversed() {
             try attemptFatal { () throws(FileSystemError) in try fileSystem.remove(joinPath(directory, segment.name)) }
-            fileSystem.close(segment.handle)
             try attemptFatal { () throws(FileSystemError) in try fileSystem.synchronizeDirectory(directory) }
             table.withLock { _ = $0.segments.removeLast() }
+            fileSystem.close(segment.handle)
         }
         var target = segments[position]
+        let keep = Int(index.rawValue - target.firstIndex.rawValue)
+        let cut = Int(target.offsets[keep])
+        // Readers stop seeing the replaced entries before the bytes go.
+        table.withLock { table in
+            let last = table.segments.count - 1
+            table.segments[last].offsets.removeLast(table.segments[last].offsets.count - keep)
+            table.segments[last].terms.removeLast(table.segments[last].terms.count - keep)
+            table.segments[last].lastIndex = LogIndex(target.firstIndex.rawValue + UInt64(keep) - 1)
+        }
+        let oldHandle = target.handle
         if position < segments.count - 1 {
             // A sealed segment becomes the newest again: reopen it for writing.
             let path = joinPath(directory, target.name)
-            let handle = try attemptFatal { () throws(FileSystemError) -> OpenFile in try fileSystem.open(path, options: []) }
-            fileSystem.close(target.handle)
-            target.handle = handle
+            target.handle = try attemptFatal { () throws(FileSystemError) -> OpenFile in try fileSystem.open(path, options: []) }
         }
-        let keep = Int(index.rawValue - target.firstIndex.rawValue)
-        let cut = Int(target.offsets[keep])
         let handle = target.handle
         try attemptFatal { () throws(FileSystemError) in try fileSystem.truncate(handle, to: cut) }
+        // The cut is durable before anything is written at it, so old bytes (and old sync markers)
+        // can never reappear after newer records.
+        try attemptFatal { () throws(FileSystemError) in try fileSystem.synchronize(handle) }
         target.offsets.removeLast(target.offsets.count - keep)
         target.terms.removeLast(target.terms.count - keep)
         target.lastIndex = LogIndex(target.firstIndex.rawValue + UInt64(keep) - 1)
@@ -676,6 +720,7 @@ public final class WriteAheadLog: @unchecked Sendable {
         target.lastMarker = min(target.lastMarker, cut)
         let replaced = target
         table.withLock { $0.segments[$0.segments.count - 1] = replaced }
+        if oldHandle != handle { fileSystem.close(oldHandle) }
         current = target
     }
 
@@ -798,8 +843,10 @@ public final class WriteAheadLog: @unchecked Sendable {
     /// record (the table holds exactly the acknowledged ones), and go on.
     private func recoverFromNoSpace(_ error: FileSystemError, failed: [Pending]) {
         let (newest, published) = table.withLock { ($0.segments[$0.segments.count - 1], $0.hardState) }
-        // A hard state in the failed part was not written: fall back to the one that was.
+        // A hard state in the failed part was not written: fall back to the one that was, and
+        // write it again with the next record (the failed part may have been a rewrite it owed).
         writerHardState = published
+        rewriteHardState = published != nil
         queueLock.lock()
         let abandoned = Array(queue)
         queue.removeAll()
