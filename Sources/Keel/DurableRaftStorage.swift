@@ -32,6 +32,10 @@ public final class DurableRaftStorage: RaftStorage {
     /// - Returns: the storage, and the state machine bytes of the newest checkpoint (nil when there is none).
     public static func open(path: String, options: LogOptions = LogOptions(), initialMembership: Membership,
                             fileSystem: any FileSystem = POSIXFileSystem()) throws(StorageError) -> (DurableRaftStorage, [UInt8]?) {
+        // Votes and entries are acknowledged to peers; only a synced log may back them.
+        guard options.fsyncPolicy == .always else {
+            throw .invalidConfiguration("Raft's log needs fsync `always` (a vote or an acknowledged entry must survive a crash)")
+        }
         let directory = try DataDirectory(path: path, fileSystem: fileSystem)
         let log: WriteAheadLog
         let report: RecoveryReport
@@ -52,7 +56,9 @@ public final class DurableRaftStorage: RaftStorage {
                 snapshot = SnapshotMetadata(index: metadata.index, term: metadata.term, membership: membership)
                 state = rest
             }
-            let hardState = try decodeHardState(log.hardState) ?? HardState(term: snapshot.term, votedFor: nil, commit: snapshot.index)
+            var hardState = try decodeHardState(log.hardState) ?? HardState(term: snapshot.term, votedFor: nil, commit: snapshot.index)
+            // A commit index is never ahead of what this node holds (Raft re-learns it from the leader).
+            hardState.commit = min(hardState.commit, max(log.lastIndex, snapshot.index))
             let storage = DurableRaftStorage(directory: directory, log: log, checkpoints: checkpoints, fileSystem: fileSystem,
                                              hardState: hardState, snapshot: snapshot)
             return (storage, state)
@@ -236,8 +242,8 @@ public final class DurableRaftStorage: RaftStorage {
         let (membership, state) = try Self.decodeSnapshotBody(Array(bytes[body]), file: temporary)
         do {
             let handle = try fileSystem.open(temporary, options: [])
+            defer { fileSystem.close(handle) }
             try fileSystem.synchronize(handle)
-            fileSystem.close(handle)
             try fileSystem.rename(temporary, to: final)
             try fileSystem.synchronizeDirectory(directory.checkpointsPath)
         } catch { throw .fileSystem(error) }

@@ -80,11 +80,18 @@ public struct PeerFrameDecoder: ByteToMessageDecoder {
     public typealias InboundOut = PeerFrame
 
     let limits: PeerLimits
+    /// Until the first frame (the hello) arrives, frames are limited to a hello's size, so an
+    /// unauthenticated peer cannot make the node buffer a large frame.
+    private var expectingHello: Bool
 
-    public init(limits: PeerLimits = PeerLimits()) { self.limits = limits }
+    public init(limits: PeerLimits = PeerLimits(), expectingHello: Bool = false) {
+        self.limits = limits
+        self.expectingHello = expectingHello
+    }
 
     public mutating func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
         guard let frame = try decodeFrame(&buffer) else { return .needMoreData }
+        expectingHello = false
         context.fireChannelRead(wrapInboundOut(frame))
         return .continue
     }
@@ -97,8 +104,9 @@ public struct PeerFrameDecoder: ByteToMessageDecoder {
     public func decodeFrame(_ buffer: inout ByteBuffer) throws(PeerProtocolError) -> PeerFrame? {
         guard let length = buffer.getInteger(at: buffer.readerIndex, endianness: .little, as: UInt32.self) else { return nil }
         guard length >= 6 else { throw PeerProtocolError("frame length \(length) is shorter than its header") }
-        guard Int(length) - 6 <= limits.frameSizeMax else {
-            throw PeerProtocolError("frame of \(Int(length) - 6) bytes, over the limit of \(limits.frameSizeMax)")
+        let sizeMax = expectingHello ? limits.tokenSizeMax + 16 : limits.frameSizeMax
+        guard Int(length) - 6 <= sizeMax else {
+            throw PeerProtocolError("frame of \(Int(length) - 6) bytes, over the limit of \(sizeMax)" + (expectingHello ? " before the hello" : ""))
         }
         guard buffer.readableBytes >= 4 + Int(length) else { return nil }
         let start = buffer.readerIndex

@@ -42,6 +42,10 @@ public struct PeerTransportConfiguration: Sendable {
     public var limits = PeerLimits()
     /// Messages kept for a peer that is not connected; past it the oldest are dropped.
     public var queuedMessagesMax = 4096
+    /// Accepted connections kept at once; more are closed at once.
+    public var inboundConnectionsMax = 64
+    /// Milliseconds an accepted connection may take to send its hello.
+    public var helloTimeoutMilliseconds: Int64 = 5000
     /// Reconnect backoff, doubling from the first to the last, in milliseconds.
     public var reconnectDelayMinMilliseconds: Int64 = 50
     public var reconnectDelayMaxMilliseconds: Int64 = 2000
@@ -95,16 +99,18 @@ public final class PeerTransport: Sendable {
             .childChannelInitializer { channel in
                 let key = ObjectIdentifier(channel)
                 let accepted = state.withLockedValue { state -> Bool in
-                    if state.closed { return false }
+                    if state.closed || state.inbound.count >= configuration.inboundConnectionsMax { return false }
                     state.inbound[key] = channel
                     return true
                 }
                 guard accepted else { return channel.close() }
                 channel.closeFuture.whenComplete { _ in state.withLockedValue { _ = $0.inbound.removeValue(forKey: key) } }
                 return channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(PeerFrameDecoder(limits: configuration.limits)))
                     try channel.pipeline.syncOperations.addHandler(
-                        PeerInboundHandler(token: configuration.clusterToken, node: configuration.node, logger: logger, deliver: deliver))
+                        ByteToMessageHandler(PeerFrameDecoder(limits: configuration.limits, expectingHello: true)))
+                    try channel.pipeline.syncOperations.addHandler(
+                        PeerInboundHandler(token: configuration.clusterToken, node: configuration.node, logger: logger, deliver: deliver,
+                                           helloTimeout: .milliseconds(configuration.helloTimeoutMilliseconds)))
                 }
             }
             .bind(host: configuration.listen.host, port: configuration.listen.port)
@@ -175,15 +181,26 @@ final class PeerInboundHandler: ChannelInboundHandler {
     let node: NodeID
     let logger: Logger
     let deliver: @Sendable (Message) -> Void
+    let helloTimeout: TimeAmount
     private var peer: NodeID?
     /// Set once the connection is refused: frames already decoded from the same read are ignored.
     private var refused = false
 
-    init(token: [UInt8], node: NodeID, logger: Logger, deliver: @escaping @Sendable (Message) -> Void) {
+    init(token: [UInt8], node: NodeID, logger: Logger, deliver: @escaping @Sendable (Message) -> Void, helloTimeout: TimeAmount) {
         self.token = token
         self.node = node
         self.logger = logger
         self.deliver = deliver
+        self.helloTimeout = helloTimeout
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        // A connection that never says hello is closed.
+        let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        context.eventLoop.scheduleTask(in: helloTimeout) {
+            let (handler, context) = loopBound.value
+            if handler.peer == nil { handler.refuse(context, "no hello within \(handler.helloTimeout)") }
+        }
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -228,6 +245,8 @@ final class PeerLink: @unchecked Sendable {
     private var closed = false
     private var queue: [Message] = []
     private var delay: Int64
+    /// No connection attempt before this moment (backoff).
+    private var nextAttempt = NIODeadline.uptimeNanoseconds(0)
 
     init(peer: NodeID, address: PeerAddress, configuration: PeerTransportConfiguration, eventLoop: any EventLoop, logger: Logger) {
         self.peer = peer
@@ -251,8 +270,14 @@ final class PeerLink: @unchecked Sendable {
         }
     }
 
-    private func sendOnLoop(_ messages: [Message]) {
+    private func sendOnLoop(_ incoming: [Message]) {
         guard !closed else { return }
+        // A frame the peer would refuse closes the link and everything behind it: drop it here.
+        let messages = incoming.filter { message in
+            let fits = message.size + 64 <= configuration.limits.frameSizeMax
+            if !fits { logger.warning("dropping a \(message.kind) of about \(message.size) bytes to node \(peer): over the frame limit") }
+            return fits
+        }
         if let channel, channel.isActive {
             for message in messages { channel.write(PeerFrame.raft(message), promise: nil) }
             channel.flush()
@@ -264,7 +289,7 @@ final class PeerLink: @unchecked Sendable {
     }
 
     private func connect() {
-        guard !connecting, !closed, channel == nil else { return }
+        guard !connecting, !closed, channel == nil, NIODeadline.now() >= nextAttempt else { return }
         connecting = true
         let limits = configuration.limits
         ClientBootstrap(group: eventLoop)
@@ -287,7 +312,7 @@ final class PeerLink: @unchecked Sendable {
                         return
                     }
                     self.channel = channel
-                    self.delay = self.configuration.reconnectDelayMinMilliseconds
+                    let connectedAt = NIODeadline.now()
                     channel.write(PeerFrame.hello(node: self.configuration.node, token: self.configuration.clusterToken), promise: nil)
                     let pending = self.queue
                     self.queue = []
@@ -295,14 +320,26 @@ final class PeerLink: @unchecked Sendable {
                     channel.flush()
                     channel.closeFuture.whenComplete { _ in
                         self.eventLoop.execute {
-                            if self.channel === channel { self.channel = nil }
+                            if self.channel === channel {
+                                self.channel = nil
+                                // A connection that lasted was healthy: start the backoff over.
+                                if NIODeadline.now() - connectedAt > .milliseconds(self.configuration.reconnectDelayMaxMilliseconds) {
+                                    self.delay = self.configuration.reconnectDelayMinMilliseconds
+                                }
+                                // The peer closed us (restart, or it refused us): back off before the next try.
+                                self.nextAttempt = .now() + .milliseconds(self.delay)
+                                self.delay = min(self.delay * 2, self.configuration.reconnectDelayMaxMilliseconds)
+                                if !self.queue.isEmpty {
+                                    self.eventLoop.scheduleTask(deadline: self.nextAttempt) { self.connect() }
+                                }
+                            }
                         }
                     }
                 case .failure(let error):
                     self.logger.debug("connecting to node \(self.peer) at \(self.address) failed: \(error); retrying in \(self.delay) ms")
-                    let wait = self.delay
+                    self.nextAttempt = .now() + .milliseconds(self.delay)
                     self.delay = min(self.delay * 2, self.configuration.reconnectDelayMaxMilliseconds)
-                    self.eventLoop.scheduleTask(in: .milliseconds(wait)) {
+                    self.eventLoop.scheduleTask(deadline: self.nextAttempt) {
                         if !self.queue.isEmpty { self.connect() }
                     }
                 }

@@ -109,3 +109,16 @@ struct PeerTransportTests {
         try await group.shutdownGracefully()
     }
 }
+
+@Suite("Peer transport limits")
+struct PeerTransportLimitTests {
+    @Test("before its hello a connection may send only a hello-sized frame")
+    func helloSizedFirstFrame() throws {
+        var big = Message(kind: .propose, from: NodeID(1), to: NodeID(2), term: .zero)
+        big.entries = [Entry(index: .zero, term: .zero, data: [UInt8](repeating: 1, count: 5000))]
+        var buffer = ByteBuffer(bytes: PeerFrameFormat.encode(.raft(big)))
+        #expect(throws: PeerProtocolError.self) { try PeerFrameDecoder(expectingHello: true).decodeFrame(&buffer) }
+        var hello = ByteBuffer(bytes: PeerFrameFormat.encode(.hello(node: NodeID(1), token: Array("t".utf8))))
+        #expect(try PeerFrameDecoder(expectingHello: true).decodeFrame(&hello) != nil)
+    }
+}
