@@ -199,6 +199,24 @@ public final class DurableRaftStorage: RaftStorage {
 
     // MARK: - Writes by the node's loop
 
+    /// Persists a Ready's entries and hard state in one durable step; `completion` runs on the
+    /// log's writer thread. Call from the node's owner only, one at a time.
+    public func persist(entries: [Entry], hardState newState: HardState?,
+                        completion: @escaping @Sendable (Result<Void, StorageError>) -> Void) {
+        guard !entries.isEmpty || (newState != nil && newState != hardState) else {
+            completion(.success(()))
+            return
+        }
+        if let newState { hardState = newState }
+        do throws(StorageError) {
+            try log.write(entries: entries.map(Self.encodeEntry), hardState: newState.map(Self.encode)) { result in
+                completion(result.map { _ in () })
+            }
+        } catch {
+            completion(.failure(error))
+        }
+    }
+
     /// Persists a Ready's entries and hard state in one durable step.
     public func persist(entries: [Entry], hardState newState: HardState?) async throws(StorageError) {
         guard !entries.isEmpty || (newState != nil && newState != hardState) else { return }

@@ -1,0 +1,143 @@
+import Foundation
+import Keel
+import KeelCore
+import KeelRaft
+import KeelStorage
+import Logging
+import NIOCore
+import NIOPosix
+import Testing
+
+/// A register map for the node tests: "set k v" and "get k".
+final class TestMachine: ReplicatedStateMachine, @unchecked Sendable {
+    // @unchecked Sendable: used only on the node's event loop.
+    var values: [String: String] = [:]
+    var applied: [String] = []
+
+    func apply(_ command: [UInt8]) -> [UInt8] {
+        let text = String(decoding: command, as: UTF8.self)
+        applied.append(text)
+        let parts = text.split(separator: " ").map(String.init)
+        if parts.count == 3, parts[0] == "set" {
+            values[parts[1]] = parts[2]
+            return Array("ok".utf8)
+        }
+        return Array("?".utf8)
+    }
+}
+
+func freePorts(_ count: Int, group: any EventLoopGroup) async throws -> [Int] {
+    var ports: [Int] = []
+    var channels: [any Channel] = []
+    for _ in 0..<count {
+        let channel = try await ServerBootstrap(group: group).bind(host: "127.0.0.1", port: 0).get()
+        ports.append(channel.localAddress!.port!)
+        channels.append(channel)
+    }
+    for channel in channels { try await channel.close() }
+    return ports
+}
+
+@Suite("Keel nodes over loopback TCP", .serialized)
+struct KeelNodeTests {
+    func configuration(_ id: UInt64, ports: [Int], base: String) -> NodeConfiguration {
+        var members: [NodeID: PeerAddress] = [:]
+        for (position, port) in ports.enumerated() { members[NodeID(UInt64(position + 1))] = PeerAddress(host: "127.0.0.1", port: port) }
+        var configuration = NodeConfiguration(node: NodeID(id), dataDirectory: base + "/node\(id)", members: members, clusterToken: Array("token".utf8))
+        configuration.tickMilliseconds = 20
+        configuration.log = LogOptions(segmentSize: 1 << 20)
+        return configuration
+    }
+
+    func leader(of nodes: [KeelNode]) async throws -> KeelNode? {
+        for node in nodes where try await node.status().role == .leader { return node }
+        return nil
+    }
+
+    @Test("three nodes elect a leader, commit proposals made through any node, and agree")
+    func threeNodes() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+        let base = NSTemporaryDirectory() + "keel-node-test-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        let ports = try await freePorts(3, group: group)
+        let machines = (0..<3).map { _ in TestMachine() }
+        var nodes: [KeelNode] = []
+        for id in 1...3 {
+            nodes.append(try await KeelNode.start(configuration: configuration(UInt64(id), ports: ports, base: base), machine: machines[id - 1],
+                                                  group: group, logger: silentLogger))
+        }
+        var elected: KeelNode?
+        for _ in 0..<500 where elected == nil {
+            elected = try await leader(of: nodes)
+            if elected == nil { try await Task.sleep(for: .milliseconds(20)) }
+        }
+        #expect(elected != nil, "a leader was elected")
+        for i in 0..<30 {
+            let node = nodes[i % 3]
+            var result: [UInt8] = []
+            for _ in 0..<100 {
+                do {
+                    result = try await node.propose(Array("set k\(i) v\(i)".utf8))
+                    break
+                } catch NodeError.noLeader {
+                    try await Task.sleep(for: .milliseconds(20))
+                }
+            }
+            #expect(result == Array("ok".utf8))
+        }
+        // A linearizable read through a follower sees every write acknowledged before it.
+        let follower = try await nodes.asyncFirst { try await $0.status().role != .leader } ?? nodes[0]
+        let seen = try await follower.read { machine in (machine as! TestMachine).values.count }
+        #expect(seen == 30)
+        for node in nodes { await node.shutdown() }
+        let histories = machines.map(\.applied)
+        for a in 0..<3 {
+            for b in 0..<3 where a < b {
+                let (x, y) = (histories[a], histories[b])
+                #expect(x.starts(with: y) || y.starts(with: x), "nodes \(a + 1) and \(b + 1) applied the same commands in the same order")
+            }
+        }
+        #expect(histories.contains { Set($0).isSuperset(of: (0..<30).map { "set k\($0) v\($0)" }) }, "the leader applied every write")
+        #expect(histories.allSatisfy { Set($0).count == $0.count }, "each command applied once")
+        try await group.shutdownGracefully()
+    }
+
+    @Test("a node restarted from its data directory recovers and catches up")
+    func restart() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+        let base = NSTemporaryDirectory() + "keel-node-restart-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        let ports = try await freePorts(1, group: group)
+        let first = TestMachine()
+        var node = try await KeelNode.start(configuration: configuration(1, ports: ports, base: base), machine: first, group: group, logger: silentLogger)
+        for i in 0..<20 {
+            var done = false
+            for _ in 0..<100 where !done {
+                do {
+                    _ = try await node.propose(Array("set k\(i) v\(i)".utf8))
+                    done = true
+                } catch NodeError.noLeader {
+                    try await Task.sleep(for: .milliseconds(20))
+                }
+            }
+        }
+        await node.shutdown()
+        let second = TestMachine()
+        node = try await KeelNode.start(configuration: configuration(1, ports: ports, base: base), machine: second, group: group, logger: silentLogger)
+        var caughtUp = false
+        for _ in 0..<500 where !caughtUp {
+            caughtUp = try await node.read { ($0 as! TestMachine).values.count } == 20
+            if !caughtUp { try await Task.sleep(for: .milliseconds(20)) }
+        }
+        #expect(caughtUp, "the committed log is applied again after the restart")
+        await node.shutdown()
+        try await group.shutdownGracefully()
+    }
+}
+
+extension Array {
+    func asyncFirst(where predicate: (Element) async throws -> Bool) async rethrows -> Element? {
+        for element in self where try await predicate(element) { return element }
+        return nil
+    }
+}
