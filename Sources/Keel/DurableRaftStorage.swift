@@ -8,21 +8,39 @@
 //   exactly as it is on the leader's disk, so its checksums travel with it; the follower writes the
 //   chunks to a temporary file and installs it only once the whole file verifies.
 //
-// Used by one owner (the node's loop), never concurrently.
+// Thread safety: reads (the RaftStorage calls) may come from the node's loop while writes
+// (persist, receive, install, createSnapshot) run on the node's storage queue, one at a time. The
+// hard state and snapshot are behind a lock, the log and the checkpoint store are thread-safe.
 
+import Dispatch
 import KeelCore
 import KeelRaft
 import KeelStorage
+import NIOConcurrencyHelpers
 
 /// `RaftStorage` on a Keel data directory.
-public final class DurableRaftStorage: RaftStorage {
+public final class DurableRaftStorage: RaftStorage, @unchecked Sendable {
+    // @unchecked Sendable: `guarded` is a lock-protected box; `log` (its own locks and writer
+    // thread) and `checkpoints` (stateless) are safe from any thread; writers are serialized by
+    // the owner (see the file comment).
     public let directory: DataDirectory
     public let log: WriteAheadLog
     let checkpoints: CheckpointStore
     let fileSystem: any FileSystem
+    /// The persisted hard state and the newest snapshot, behind a lock: the node's loop reads them
+    /// while its storage queue takes snapshots.
+    private let guarded: NIOLockedValueBox<(hardState: HardState, snapshot: SnapshotMetadata)>
+
     /// The persisted hard state.
-    public private(set) var hardState: HardState
-    public private(set) var snapshot: SnapshotMetadata
+    public private(set) var hardState: HardState {
+        get { guarded.withLockedValue { $0.hardState } }
+        set { guarded.withLockedValue { $0.hardState = newValue } }
+    }
+
+    public private(set) var snapshot: SnapshotMetadata {
+        get { guarded.withLockedValue { $0.snapshot } }
+        set { guarded.withLockedValue { $0.snapshot = newValue } }
+    }
     /// The name of the temporary file an incoming snapshot is written to.
     static let incomingName = "incoming.ckpt.tmp"
 
@@ -75,8 +93,7 @@ public final class DurableRaftStorage: RaftStorage {
         self.log = log
         self.checkpoints = checkpoints
         self.fileSystem = fileSystem
-        self.hardState = hardState
-        self.snapshot = snapshot
+        guarded = NIOLockedValueBox((hardState, snapshot))
     }
 
     /// Closes the log and releases the directory.
@@ -244,11 +261,28 @@ public final class DurableRaftStorage: RaftStorage {
         }
     }
 
-    /// Installs a snapshot whose chunks were all received: verifies the file, publishes it as a
-    /// checkpoint, and restarts the log after its index.
-    ///
-    /// - Returns: the state machine bytes to restore.
-    public func install(_ metadata: SnapshotMetadata) async throws(StorageError) -> [UInt8] {
+    /// `install(_:)` for a caller on a thread that may block (the node's storage queue).
+    public func installBlocking(_ metadata: SnapshotMetadata) throws(StorageError) -> [UInt8] {
+        let state = try publishIncoming(metadata)
+        let done = DispatchSemaphore(value: 0)
+        let outcome = NIOLockedValueBox<Result<LogIndex, StorageError>?>(nil)
+        do throws(StorageError) {
+            try log.restart(after: metadata.index) { result in
+                outcome.withLockedValue { $0 = result }
+                done.signal()
+            }
+        } catch {
+            throw error
+        }
+        done.wait()
+        _ = try outcome.withLockedValue { $0 }!.get()
+        snapshot = SnapshotMetadata(index: metadata.index, term: metadata.term, membership: state.membership)
+        _ = try checkpoints.prune(keep: 2)
+        return state.bytes
+    }
+
+    /// Verifies the received file and publishes it as a checkpoint.
+    private func publishIncoming(_ metadata: SnapshotMetadata) throws(StorageError) -> (membership: Membership, bytes: [UInt8]) {
         let temporary = directory.checkpointsPath + "/" + Self.incomingName
         let final = directory.checkpointsPath + "/" + CheckpointFormat.fileName(index: metadata.index, term: metadata.term)
         let bytes: [UInt8]
@@ -265,6 +299,15 @@ public final class DurableRaftStorage: RaftStorage {
             try fileSystem.rename(temporary, to: final)
             try fileSystem.synchronizeDirectory(directory.checkpointsPath)
         } catch { throw .fileSystem(error) }
+        return (membership, state)
+    }
+
+    /// Installs a snapshot whose chunks were all received: verifies the file, publishes it as a
+    /// checkpoint, and restarts the log after its index.
+    ///
+    /// - Returns: the state machine bytes to restore.
+    public func install(_ metadata: SnapshotMetadata) async throws(StorageError) -> [UInt8] {
+        let state = try publishIncoming(metadata)
         let result: Result<LogIndex, StorageError> = await withCheckedContinuation { continuation in
             do throws(StorageError) {
                 try log.restart(after: metadata.index) { continuation.resume(returning: $0) }
@@ -273,9 +316,9 @@ public final class DurableRaftStorage: RaftStorage {
             }
         }
         _ = try result.get()
-        snapshot = SnapshotMetadata(index: metadata.index, term: metadata.term, membership: membership)
+        snapshot = SnapshotMetadata(index: metadata.index, term: metadata.term, membership: state.membership)
         _ = try checkpoints.prune(keep: 2)
-        return state
+        return state.bytes
     }
 
     /// Takes a snapshot of applied state at `index`: writes the checkpoint (membership, then the

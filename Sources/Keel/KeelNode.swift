@@ -10,9 +10,14 @@
 //   4. advance.
 // A timer ticks the core. A failed fsync stops the node: it stops taking part and says why.
 //
-// Not yet here (the node issue continues): snapshots and compaction (the log grows), membership
-// calls, learner promotion, lease and local reads, and the public DocC'd API surface.
+// Snapshots: after `snapshotInterval` applied entries the state machine's bytes become a checkpoint
+// and the log is compacted; a follower that needs compacted entries receives the checkpoint file in
+// chunks, installs it once it verifies, and restores the state machine from it.
+//
+// Not yet here (the node issue continues): membership calls, learner promotion, lease and local
+// reads, and the public DocC'd API surface.
 
+import Dispatch
 import KeelCore
 import KeelRaft
 import KeelStorage
@@ -25,6 +30,11 @@ import NIOPosix
 public protocol ReplicatedStateMachine: AnyObject {
     /// Applies a command and returns its result.
     func apply(_ command: [UInt8]) -> [UInt8]
+    /// The whole state as bytes, for a snapshot. (A copy, taken on the loop; an O(1) snapshot
+    /// encoded off the loop is the next step.)
+    func snapshot() -> [UInt8]
+    /// Replaces the state with a snapshot's bytes.
+    func restore(_ bytes: [UInt8]) throws
 }
 
 /// Errors a node's callers see.
@@ -62,6 +72,8 @@ public struct NodeConfiguration: Sendable {
     public var tickMilliseconds: Int64 = 50
     /// Milliseconds a proposal or read may wait.
     public var requestTimeoutMilliseconds: Int64 = 5000
+    /// Take a snapshot (a checkpoint, then log compaction) after this many applied entries.
+    public var snapshotInterval: UInt64 = 10_000
     public var log = LogOptions()
     public var raft: RaftConfiguration
 
@@ -72,6 +84,12 @@ public struct NodeConfiguration: Sendable {
         self.clusterToken = clusterToken
         raft = RaftConfiguration(id: node)
     }
+}
+
+/// A state machine's bytes as a checkpoint body.
+struct BytesCheckpoint: CheckpointSource {
+    let bytes: [UInt8]
+    func writeCheckpoint(to sink: inout CheckpointSink) throws(StorageError) { try sink.write(bytes) }
 }
 
 /// A running node.
@@ -94,6 +112,9 @@ public final class KeelNode: @unchecked Sendable {
     private var reads: [[UInt8]: EventLoopPromise<LogIndex>] = [:]
     private var readsAwaitingApply: [(index: LogIndex, promise: EventLoopPromise<LogIndex>)] = []
     private(set) var appliedIndex: LogIndex
+    /// Storage work that may block (snapshot files, install): never on the loop.
+    let storageQueue = DispatchQueue(label: "keel.node.storage")
+    private var snapshotting = false
 
     /// Starts a node: recovers its storage, listens for peers, starts ticking.
     public static func start(configuration: NodeConfiguration, machine: any ReplicatedStateMachine, group: any EventLoopGroup,
@@ -101,9 +122,10 @@ public final class KeelNode: @unchecked Sendable {
         let membership = Membership(voters: Array(configuration.members.keys))
         var logOptions = configuration.log
         logOptions.fsyncPolicy = .always
-        let (storage, _) = try DurableRaftStorage.open(path: configuration.dataDirectory, options: logOptions, initialMembership: membership)
+        let (storage, state) = try DurableRaftStorage.open(path: configuration.dataDirectory, options: logOptions, initialMembership: membership)
         let raft: RaftNode
         do {
+            if let state { try machine.restore(state) }
             raft = try RaftNode(configuration: configuration.raft, storage: storage, randomSeed: UInt64.random(in: 1...UInt64.max))
         } catch {
             storage.close()
@@ -177,12 +199,13 @@ public final class KeelNode: @unchecked Sendable {
         }.get()
         _ = waiting
         await transport.shutdown()
-        // Let a write in flight finish before the log closes.
+        // Let a write or a snapshot in flight finish before the log closes.
         for _ in 0..<500 {
-            let busy = (try? await loop.submit { self.persisting }.get()) ?? false
+            let busy = (try? await loop.submit { self.persisting || self.snapshotting }.get()) ?? false
             if !busy { break }
             try? await Task.sleep(for: .milliseconds(10))
         }
+        storageQueue.sync {}
         storage.close()
     }
 
@@ -249,12 +272,24 @@ public final class KeelNode: @unchecked Sendable {
         guard !persisting, stopped == nil, raft.hasReady else { return }
         let ready = raft.ready()
         persisting = true
-        storage.persist(entries: ready.entries, hardState: ready.hardState) { result in
-            self.loop.execute { self.persisted(ready, result) }
+        let storage = self.storage
+        storageQueue.async {
+            // 1. Persist: snapshot chunks, then the installed snapshot, then entries and hard state.
+            let installed: [UInt8]?
+            do throws(StorageError) {
+                for chunk in ready.incomingSnapshotChunks { try storage.receive(chunk) }
+                installed = try ready.snapshot.map { snapshot throws(StorageError) in try storage.installBlocking(snapshot) }
+            } catch {
+                self.loop.execute { self.persisted(ready, .failure(error), installed: nil) }
+                return
+            }
+            storage.persist(entries: ready.entries, hardState: ready.hardState) { result in
+                self.loop.execute { self.persisted(ready, result, installed: installed) }
+            }
         }
     }
 
-    private func persisted(_ ready: Ready, _ result: Result<Void, StorageError>) {
+    private func persisted(_ ready: Ready, _ result: Result<Void, StorageError>, installed: [UInt8]?) {
         persisting = false
         if case .failure(let error) = result {
             // A failed fsync (or any write error): stop taking part, and say why.
@@ -264,6 +299,19 @@ public final class KeelNode: @unchecked Sendable {
             failAll(NodeError.storageFailed("\(error)"))
             return
         }
+        if let installed, let snapshot = ready.snapshot {
+            do {
+                try machine.restore(installed)
+                appliedIndex = snapshot.index
+            } catch {
+                stopped = "a received snapshot does not restore: \(error)"
+                logger.critical("node \(configuration.node) stops: \(stopped!)")
+                ticker?.cancel()
+                failAll(NodeError.storageFailed(stopped!))
+                return
+            }
+        }
+        // 2. Send. 3. Apply. 4. Advance.
         if !closing { transport.send(ready.messages) }
         for entry in ready.committedEntries { apply(entry) }
         for state in ready.readStates {
@@ -272,7 +320,30 @@ public final class KeelNode: @unchecked Sendable {
         }
         raft.advance(ready)
         serveReads()
+        maybeSnapshot()
         process()
+    }
+
+    /// Takes a snapshot when enough entries were applied since the last one: the state is copied
+    /// on the loop, written and the log compacted on the storage queue.
+    private func maybeSnapshot() {
+        let status = raft.status
+        guard !snapshotting, !closing, appliedIndex.rawValue >= storage.snapshot.index.rawValue + configuration.snapshotInterval,
+              status.commitIndex == appliedIndex, let term = raft.term(at: appliedIndex) else { return }
+        snapshotting = true
+        let bytes = machine.snapshot()
+        let index = appliedIndex
+        let membership = status.membership
+        let storage = self.storage
+        storageQueue.async {
+            do throws(StorageError) {
+                try storage.createSnapshot(at: index, term: term, membership: membership, state: BytesCheckpoint(bytes: bytes),
+                                           wallTimeMilliseconds: 0)
+            } catch {
+                self.logger.error("snapshot at \(index) failed: \(error)")
+            }
+            self.loop.execute { self.snapshotting = false }
+        }
     }
 
     private func apply(_ entry: Entry) {

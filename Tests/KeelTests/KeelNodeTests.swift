@@ -24,6 +24,28 @@ final class TestMachine: ReplicatedStateMachine, @unchecked Sendable {
         }
         return Array("?".utf8)
     }
+
+    func snapshot() -> [UInt8] {
+        var writer = ByteWriter()
+        for key in values.keys.sorted() {
+            writer.writeLengthPrefixed(Array(key.utf8))
+            writer.writeLengthPrefixed(Array(values[key]!.utf8))
+        }
+        return writer.bytes
+    }
+
+    func restore(_ bytes: [UInt8]) throws {
+        var reader = ByteReader(bytes)
+        var restored: [String: String] = [:]
+        while !reader.isAtEnd {
+            let key = String(decoding: try reader.readLengthPrefixed(limit: 1 << 20), as: UTF8.self)
+            restored[key] = String(decoding: try reader.readLengthPrefixed(limit: 1 << 20), as: UTF8.self)
+        }
+        values = restored
+        restoredFromSnapshot = true
+    }
+
+    var restoredFromSnapshot = false
 }
 
 func freePorts(_ count: Int, group: any EventLoopGroup) async throws -> [Int] {
@@ -131,6 +153,58 @@ struct KeelNodeTests {
         }
         #expect(caughtUp, "the committed log is applied again after the restart")
         await node.shutdown()
+        try await group.shutdownGracefully()
+    }
+}
+
+extension KeelNodeTests {
+    @Test("a node that was down while the others compacted their logs catches up from a streamed snapshot")
+    func snapshotCatchUp() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+        let base = NSTemporaryDirectory() + "keel-node-snapshot-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        let ports = try await freePorts(3, group: group)
+        func start(_ id: UInt64, _ machine: TestMachine) async throws -> KeelNode {
+            var configuration = configuration(id, ports: ports, base: base)
+            configuration.snapshotInterval = 20
+            return try await KeelNode.start(configuration: configuration, machine: machine, group: group, logger: silentLogger)
+        }
+        let machines = [TestMachine(), TestMachine(), TestMachine()]
+        var nodes: [KeelNode] = []
+        for id in 1...3 { nodes.append(try await start(UInt64(id), machines[id - 1])) }
+        func propose(_ command: String, via candidates: [KeelNode]) async throws {
+            for attempt in 0..<300 {
+                do {
+                    _ = try await candidates[attempt % candidates.count].propose(Array(command.utf8))
+                    return
+                } catch NodeError.noLeader {
+                    try await Task.sleep(for: .milliseconds(20))
+                } catch NodeError.timedOut {
+                    continue
+                }
+            }
+            Issue.record("could not commit \(command)")
+        }
+        try await propose("set first 1", via: nodes)
+        await nodes[2].shutdown()
+        for i in 0..<80 { try await propose("set k\(i) v\(i)", via: Array(nodes.prefix(2))) }
+        // The two live nodes have taken snapshots and compacted past what node 3 has.
+        let compacted = FileManager.default.fileExists(atPath: base + "/node1/checkpoints")
+            && ((try? FileManager.default.contentsOfDirectory(atPath: base + "/node1/checkpoints"))?.contains { $0.hasSuffix(".ckpt") } ?? false)
+        #expect(compacted)
+        let rejoined = TestMachine()
+        nodes[2] = try await start(3, rejoined)
+        var caughtUp = false
+        for _ in 0..<500 where !caughtUp {
+            do { caughtUp = try await nodes[2].read { ($0 as! TestMachine).values.count } == 81 } catch NodeError.noLeader {
+                // Not yet in touch with the leader.
+            } catch NodeError.timedOut {}
+            if !caughtUp { try await Task.sleep(for: .milliseconds(20)) }
+        }
+        #expect(caughtUp, "node 3 reached the others' state")
+        let restored = try await nodes[2].read { ($0 as! TestMachine).restoredFromSnapshot }
+        #expect(restored, "by installing a snapshot, not by replaying a log the others no longer have")
+        for node in nodes { await node.shutdown() }
         try await group.shutdownGracefully()
     }
 }
