@@ -112,6 +112,8 @@ public final class KeelNode: @unchecked Sendable {
     private var reads: [[UInt8]: EventLoopPromise<LogIndex>] = [:]
     private var readsAwaitingApply: [(index: LogIndex, promise: EventLoopPromise<LogIndex>)] = []
     private(set) var appliedIndex: LogIndex
+    /// The membership as of `appliedIndex` (configuration entries applied in order), for snapshots.
+    private var appliedMembership: Membership
     /// Storage work that may block (snapshot files, install): never on the loop.
     let storageQueue = DispatchQueue(label: "keel.node.storage")
     private var snapshotting = false
@@ -165,6 +167,7 @@ public final class KeelNode: @unchecked Sendable {
         self.machine = machine
         self.logger = logger
         appliedIndex = storage.snapshot.index
+        appliedMembership = storage.snapshot.membership
     }
 
     // MARK: - Calls
@@ -303,6 +306,7 @@ public final class KeelNode: @unchecked Sendable {
             do {
                 try machine.restore(installed)
                 appliedIndex = snapshot.index
+                appliedMembership = snapshot.membership
             } catch {
                 stopped = "a received snapshot does not restore: \(error)"
                 logger.critical("node \(configuration.node) stops: \(stopped!)")
@@ -327,13 +331,12 @@ public final class KeelNode: @unchecked Sendable {
     /// Takes a snapshot when enough entries were applied since the last one: the state is copied
     /// on the loop, written and the log compacted on the storage queue.
     private func maybeSnapshot() {
-        let status = raft.status
         guard !snapshotting, !closing, appliedIndex.rawValue >= storage.snapshot.index.rawValue + configuration.snapshotInterval,
-              status.commitIndex == appliedIndex, let term = raft.term(at: appliedIndex) else { return }
+              let term = raft.term(at: appliedIndex) else { return }
         snapshotting = true
         let bytes = machine.snapshot()
         let index = appliedIndex
-        let membership = status.membership
+        let membership = appliedMembership
         let storage = self.storage
         storageQueue.async {
             do throws(StorageError) {
@@ -348,6 +351,9 @@ public final class KeelNode: @unchecked Sendable {
 
     private func apply(_ entry: Entry) {
         appliedIndex = entry.index
+        if entry.kind == .configurationChange, let change = ConfigurationChange(decoding: entry.data) {
+            appliedMembership = appliedMembership.applying(change)
+        }
         guard entry.kind == .normal, entry.data.count >= 17, entry.data[0] == 1 else { return }
         var reader = ByteReader(entry.data)
         guard (try? reader.readUInt8()) == 1, let origin = try? reader.readUInt64(), let request = try? reader.readUInt64() else { return }
