@@ -240,11 +240,7 @@ public final class WriteAheadLog: @unchecked Sendable {
         }
         queueLock.lock()
         defer { queueLock.unlock() }
-        switch runState {
-        case .running: break
-        case .stopped(let reason): throw .stopped(reason: reason)
-        case .closing: throw .closed
-        }
+        try checkAccepting()
         guard queue.count < options.limits.appendQueueCountMax else { throw .overloaded(queued: queue.count) }
         precondition(indexMode != .explicit, "a log takes either append(term:payload:) or write(entries:hardState:), not both")
         indexMode = .assigned
@@ -277,11 +273,7 @@ public final class WriteAheadLog: @unchecked Sendable {
         }
         queueLock.lock()
         defer { queueLock.unlock() }
-        switch runState {
-        case .running: break
-        case .stopped(let reason): throw .stopped(reason: reason)
-        case .closing: throw .closed
-        }
+        try checkAccepting()
         guard queue.count + entries.count <= options.limits.appendQueueCountMax else { throw .overloaded(queued: queue.count) }
         precondition(indexMode != .assigned, "a log takes either append(term:payload:) or write(entries:hardState:), not both")
         indexMode = .explicit
@@ -321,11 +313,7 @@ public final class WriteAheadLog: @unchecked Sendable {
     public func restart(after index: LogIndex, completion: @escaping @Sendable (Result<LogIndex, StorageError>) -> Void) throws(StorageError) {
         queueLock.lock()
         defer { queueLock.unlock() }
-        switch runState {
-        case .running: break
-        case .stopped(let reason): throw .stopped(reason: reason)
-        case .closing: throw .closed
-        }
+        try checkAccepting()
         precondition(indexMode != .assigned, "restart(after:) is for explicit-index logs")
         indexMode = .explicit
         var pending = Pending(entry: nil, replacesSuffix: false, hardState: nil, index: index, completion: completion)
@@ -357,6 +345,15 @@ public final class WriteAheadLog: @unchecked Sendable {
             if segments[middle].firstIndex <= index { low = middle } else { high = middle - 1 }
         }
         return index <= segments[low].lastIndex ? low : nil
+    }
+
+    /// Throws unless the log takes writes. Call with `queueLock` held.
+    private func checkAccepting() throws(StorageError) {
+        switch runState {
+        case .running: return
+        case .stopped(let reason): throw .stopped(reason: reason)
+        case .closing: throw .closed
+        }
     }
 
     /// Appends an entry and returns once it is durable under the policy.
