@@ -173,16 +173,18 @@ public final class DurableRaftStorage: RaftStorage, @unchecked Sendable {
     public var lastIndex: LogIndex { max(log.lastIndex, snapshot.index) }
 
     public func term(at index: LogIndex) throws(RaftStorageError) -> Term {
+        let snapshot = self.snapshot // one consistent view while a snapshot may be published
         if index == snapshot.index { return snapshot.term }
         if index < snapshot.index { throw .compacted }
-        if index > lastIndex { throw .unavailable }
+        if index > max(log.lastIndex, snapshot.index) { throw .unavailable }
         guard let term = log.term(at: index) else { throw .compacted }
         return term
     }
 
     public func entries(from: LogIndex, to: LogIndex, maxSize: Int) throws(RaftStorageError) -> [Entry] {
+        let snapshot = self.snapshot
         if from <= snapshot.index { throw .compacted }
-        if from > to || to > lastIndex.next { throw .unavailable }
+        if from > to || to > max(log.lastIndex, snapshot.index).next { throw .unavailable }
         var result: [Entry] = []
         var size = 0
         var index = from
@@ -224,9 +226,9 @@ public final class DurableRaftStorage: RaftStorage, @unchecked Sendable {
             completion(.success(()))
             return
         }
-        if let newState { hardState = newState }
         do throws(StorageError) {
-            try log.write(entries: entries.map(Self.encodeEntry), hardState: newState.map(Self.encode)) { result in
+            try log.write(entries: entries.map(Self.encodeEntry), hardState: newState.map(Self.encode)) { [self] result in
+                if case .success = result, let newState { hardState = newState }
                 completion(result.map { _ in () })
             }
         } catch {

@@ -108,9 +108,14 @@ public final class KeelNode: @unchecked Sendable {
     private var closing = false
     private var ticker: RepeatedTask?
     private var nextRequest: UInt64 = 1
+    /// Distinguishes this run's requests from an earlier run's still in the log (request ids
+    /// restart at 1 after a restart).
+    private let run = UInt64.random(in: 1...UInt64.max)
     private var writes: [UInt64: EventLoopPromise<[UInt8]>] = [:]
-    private var reads: [[UInt8]: EventLoopPromise<LogIndex>] = [:]
-    private var readsAwaitingApply: [(index: LogIndex, promise: EventLoopPromise<LogIndex>)] = []
+    /// Reads by request id, from the call until they are served or time out.
+    private var reads: [UInt64: EventLoopPromise<LogIndex>] = [:]
+    /// Reads whose index is known, waiting for it to be applied.
+    private var readsAwaitingApply: [(index: LogIndex, request: UInt64)] = []
     private(set) var appliedIndex: LogIndex
     /// The membership as of `appliedIndex` (configuration entries applied in order), for snapshots.
     private var appliedMembership: Membership
@@ -202,10 +207,9 @@ public final class KeelNode: @unchecked Sendable {
         }.get()
         _ = waiting
         await transport.shutdown()
-        // Let a write or a snapshot in flight finish before the log closes.
-        for _ in 0..<500 {
-            let busy = (try? await loop.submit { self.persisting || self.snapshotting }.get()) ?? false
-            if !busy { break }
+        // Let a write or a snapshot in flight finish before the log closes, however long it takes:
+        // closing the log under it would lose it.
+        while (try? await loop.submit { self.persisting || self.snapshotting }.get()) ?? false {
             try? await Task.sleep(for: .milliseconds(10))
         }
         storageQueue.sync {}
@@ -218,9 +222,10 @@ public final class KeelNode: @unchecked Sendable {
         if let error = refusal() { return promise.fail(error) }
         let request = nextRequest
         nextRequest += 1
-        var writer = ByteWriter(capacity: 17 + command.count)
+        var writer = ByteWriter(capacity: 25 + command.count)
         writer.write(UInt8(1))
         writer.write(configuration.node.rawValue)
+        writer.write(run)
         writer.write(request)
         writer.write(bytes: command)
         do {
@@ -250,10 +255,9 @@ public final class KeelNode: @unchecked Sendable {
         } catch {
             return promise.fail(NodeError.refused("\(error)"))
         }
-        reads[context.bytes] = promise
-        let key = context.bytes
+        reads[request] = promise
         loop.scheduleTask(in: .milliseconds(configuration.requestTimeoutMilliseconds)) {
-            self.reads.removeValue(forKey: key)?.fail(NodeError.timedOut)
+            self.reads.removeValue(forKey: request)?.fail(NodeError.timedOut)
         }
         process()
     }
@@ -272,7 +276,7 @@ public final class KeelNode: @unchecked Sendable {
 
     /// Takes the next Ready unless one is being persisted.
     private func process() {
-        guard !persisting, stopped == nil, raft.hasReady else { return }
+        guard !persisting, stopped == nil, !closing, raft.hasReady else { return }
         let ready = raft.ready()
         persisting = true
         let storage = self.storage
@@ -294,6 +298,8 @@ public final class KeelNode: @unchecked Sendable {
 
     private func persisted(_ ready: Ready, _ result: Result<Void, StorageError>, installed: [UInt8]?) {
         persisting = false
+        // After shutdown began, nothing more is applied or sent (its callers were failed already).
+        guard !closing else { return }
         if case .failure(let error) = result {
             // A failed fsync (or any write error): stop taking part, and say why.
             stopped = "\(error)"
@@ -319,8 +325,9 @@ public final class KeelNode: @unchecked Sendable {
         if !closing { transport.send(ready.messages) }
         for entry in ready.committedEntries { apply(entry) }
         for state in ready.readStates {
-            guard let promise = reads.removeValue(forKey: state.context) else { continue }
-            readsAwaitingApply.append((state.index, promise))
+            var reader = ByteReader(state.context)
+            guard let request = try? reader.readUInt64(), reads[request] != nil else { continue }
+            readsAwaitingApply.append((state.index, request))
         }
         raft.advance(ready)
         serveReads()
@@ -354,19 +361,21 @@ public final class KeelNode: @unchecked Sendable {
         if entry.kind == .configurationChange, let change = ConfigurationChange(decoding: entry.data) {
             appliedMembership = appliedMembership.applying(change)
         }
-        guard entry.kind == .normal, entry.data.count >= 17, entry.data[0] == 1 else { return }
+        // An entry: version 1, origin node, origin run, request id, command.
+        guard entry.kind == .normal, entry.data.count >= 25, entry.data[0] == 1 else { return }
         var reader = ByteReader(entry.data)
-        guard (try? reader.readUInt8()) == 1, let origin = try? reader.readUInt64(), let request = try? reader.readUInt64() else { return }
-        let result = machine.apply(Array(entry.data[17...]))
-        if origin == configuration.node.rawValue, let promise = writes.removeValue(forKey: request) {
+        guard (try? reader.readUInt8()) == 1, let origin = try? reader.readUInt64(), let originRun = try? reader.readUInt64(),
+              let request = try? reader.readUInt64() else { return }
+        let result = machine.apply(Array(entry.data[25...]))
+        if origin == configuration.node.rawValue, originRun == run, let promise = writes.removeValue(forKey: request) {
             promise.succeed(result)
         }
     }
 
     private func serveReads() {
         readsAwaitingApply.removeAll { read in
-            guard read.index <= appliedIndex else { return false }
-            read.promise.succeed(read.index)
+            guard read.index <= appliedIndex else { return reads[read.request] == nil }
+            reads.removeValue(forKey: read.request)?.succeed(read.index)
             return true
         }
     }
@@ -376,7 +385,6 @@ public final class KeelNode: @unchecked Sendable {
         writes = [:]
         for (_, promise) in reads { promise.fail(error) }
         reads = [:]
-        for read in readsAwaitingApply { read.promise.fail(error) }
         readsAwaitingApply = []
     }
 }
