@@ -15,6 +15,11 @@ struct Bench: AsyncParsableCommand {
         subcommands: [AppendBench.self, RecoveryBench.self, CheckpointBench.self, RaftBench.self])
 }
 
+/// Refuses a benchmark option outside its range with a clear message.
+func require(_ condition: Bool, _ message: String) throws {
+    if !condition { throw ValidationError(message) }
+}
+
 /// A state machine that only counts, so a benchmark measures the log and not a data structure.
 struct CountingMachine: DurableStateMachine {
     struct Snapshot: CheckpointSource {
@@ -116,6 +121,13 @@ struct AppendBench: AsyncParsableCommand {
     @Option(help: "Record payload bytes.") var size = 100
     @Option(help: "Appender counts, comma-separated.") var appenders = "1,8,64"
 
+    func validate() throws {
+        try require(seconds > 0 && seconds <= 3600, "--seconds must be between 0 and 3600")
+        try require((0...(1 << 20)).contains(size), "--size must be between 0 and 1048576 bytes")
+        let counts = appenders.split(separator: ",").map { Int($0) }
+        try require(!counts.isEmpty && counts.allSatisfy { $0 != nil && (1...4096).contains($0!) }, "--appenders takes counts from 1 to 4096, comma-separated")
+    }
+
     func run() async throws {
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         let syncs = measureFdatasync(directory: directory, seconds: seconds)
@@ -191,6 +203,13 @@ struct RaftBench: ParsableCommand {
     @Option(help: "Bytes per proposal.") var size = 100
     @Option(help: "Nodes.") var nodes = 3
 
+    func validate() throws {
+        try require(entries >= 1 && entries <= 100_000_000, "--entries must be between 1 and 100000000")
+        try require(batch >= 1 && batch <= 65_536, "--batch must be between 1 and 65536")
+        try require((0...(1 << 20)).contains(size), "--size must be between 0 and 1048576 bytes")
+        try require((1...9).contains(nodes), "--nodes must be between 1 and 9")
+    }
+
     func run() throws {
         let started = ContinuousClock.now
         let committed = try RaftBenchmark.run(nodes: nodes, entries: entries, size: size, batch: batch)
@@ -209,6 +228,12 @@ struct RecoveryBench: AsyncParsableCommand {
     @Option(help: "Log size to write and replay, in MiB.") var logMegabytes = 1024
     @Option(help: "Keys in the checkpoint.") var keys = 1_000_000
     @Option(help: "Value bytes per key.") var valueSize = 100
+
+    func validate() throws {
+        try require(logMegabytes >= 1 && logMegabytes <= 1 << 20, "--log-megabytes must be between 1 and 1048576")
+        try require(keys >= 1 && keys <= 100_000_000, "--keys must be between 1 and 100000000")
+        try require((0...(1 << 20)).contains(valueSize), "--value-size must be between 0 and 1048576 bytes")
+    }
 
     func run() async throws {
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
@@ -291,6 +316,12 @@ struct CheckpointBench: AsyncParsableCommand {
     @Option(help: "Keys in the state.") var keys = 1_000_000
     @Option(help: "Value bytes per key.") var valueSize = 100
     @Option(help: "Concurrent appenders during the measurement.") var appenders = 8
+
+    func validate() throws {
+        try require(keys >= 1 && keys <= 100_000_000, "--keys must be between 1 and 100000000")
+        try require((0...(1 << 20)).contains(valueSize), "--value-size must be between 0 and 1048576 bytes")
+        try require((1...4096).contains(appenders), "--appenders must be between 1 and 4096")
+    }
 
     func run() async throws {
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)

@@ -133,6 +133,10 @@ struct SimulatorTests {
         #expect(faulty.status == 1 && faulty.output.contains("VIOLATION"))
         let bad = try runKeel(["sim", "--seed", "1", "--nodes", "4"])
         #expect(bad.status != 0 && bad.output.contains("--nodes must be 3 or 5"))
+        let badBench = try runKeel(["bench", "raft", "--nodes", "0"])
+        #expect(badBench.status != 0 && badBench.output.contains("--nodes must be between 1 and 9"))
+        let badSize = try runKeel(["bench", "append", "--size=-1"])
+        #expect(badSize.status != 0 && badSize.output.contains("--size must be between"))
     }
 }
 
