@@ -74,7 +74,9 @@ let package = Package(
                 "KeelStorage",
                 "KeelRaft",
                 "KeelSimulation",
+                "Keel",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Collections", package: "swift-collections"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -85,6 +87,17 @@ let package = Package(
         .executableTarget(
             name: "keel-crash-writer",
             dependencies: ["KeelCore", "KeelStorage"],
+            swiftSettings: strict
+        ),
+        // A node process for the multi-process tests and the failover benchmark: a replicated
+        // string map driven by tagged lines on stdin (see its file comment).
+        .executableTarget(
+            name: "keel-node-harness",
+            dependencies: [
+                "Keel", "KeelCore", "KeelRaft", "KeelStorage",
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
             swiftSettings: strict
         ),
         .testTarget(

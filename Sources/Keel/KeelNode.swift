@@ -2,20 +2,26 @@
 //
 // One event loop owns the node: the Raft core, the state machine, and the waiting callers are
 // touched only there. The loop follows the Ready order (Ready.swift):
-//   1. persist entries and hard state: handed to the log's writer thread (never on the loop);
-//      the loop takes no new Ready until that write is durable;
-//   2. send messages;
+//   1. persist entries and hard state: handed to the storage queue and the log's writer thread
+//      (never on the loop); the loop takes no new Ready until that write is durable. A leader
+//      sends its appends and heartbeats *while* they are written (dissertation §10.2.1): the core
+//      counts the leader's own copy only once it is durable, so commitment still needs a
+//      majority of durable copies;
+//   2. send the other messages (votes and replies wait for the write);
 //   3. apply committed entries in order, each once, and answer the callers waiting for them;
 //      serve reads whose index is applied;
 //   4. advance.
 // A timer ticks the core. A failed fsync stops the node: it stops taking part and says why.
 //
-// Snapshots: after `snapshotInterval` applied entries the state machine's bytes become a checkpoint
-// and the log is compacted; a follower that needs compacted entries receives the checkpoint file in
-// chunks, installs it once it verifies, and restores the state machine from it.
+// Snapshots: after `snapshotInterval` applied entries (or on `checkpoint()`), the state machine's
+// O(1) snapshot is taken on the loop and written as a checkpoint on the storage queue, and the log
+// is compacted; a follower that needs compacted entries receives the checkpoint file in chunks,
+// installs it once it verifies, and restores the state machine from it. A received snapshot that
+// does not verify is dropped and the core restarts from what is durable (as after a crash), so the
+// transfer starts again from its first byte.
 //
-// Not yet here (the node issue continues): membership calls, learner promotion, lease and local
-// reads, and the public DocC'd API surface.
+// Membership: a change's entry carries the member's peer address (ChangeContext), so every node
+// learns where a new member listens from the log; snapshots carry the addresses too.
 
 import Dispatch
 import KeelCore
@@ -26,123 +32,99 @@ import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 
-/// The state machine a node replicates. Called on the node's event loop; deterministic.
-public protocol ReplicatedStateMachine: AnyObject {
-    /// Applies a command and returns its result.
-    func apply(_ command: [UInt8]) -> [UInt8]
-    /// The whole state as bytes, for a snapshot. (A copy, taken on the loop; an O(1) snapshot
-    /// encoded off the loop is the next step.)
-    func snapshot() -> [UInt8]
-    /// Replaces the state with a snapshot's bytes.
-    func restore(_ bytes: [UInt8]) throws
-}
-
-/// Errors a node's callers see.
-public enum NodeError: Error, Sendable, Equatable, CustomStringConvertible {
-    /// No leader is known; try again after an election.
-    case noLeader
-    /// The node is shutting down or stopped.
-    case shuttingDown
-    /// The node's storage failed (a failed fsync): it has stopped.
-    case storageFailed(String)
-    /// The request did not complete in time (the outcome of a write is then unknown).
-    case timedOut
-    /// Raft refused the request.
-    case refused(String)
-
-    public var description: String {
-        switch self {
-        case .noLeader: "keel: no leader is known"
-        case .shuttingDown: "keel: the node is shutting down"
-        case .storageFailed(let reason): "keel: storage failed, the node has stopped: \(reason)"
-        case .timedOut: "keel: timed out; the outcome is unknown"
-        case .refused(let reason): "keel: refused: \(reason)"
-        }
-    }
-}
-
-/// How to run a node.
-public struct NodeConfiguration: Sendable {
-    public var node: NodeID
-    public var dataDirectory: String
-    /// Every voter of a new cluster, with where it listens for peers (this node included).
-    public var members: [NodeID: PeerAddress]
-    public var clusterToken: [UInt8]
-    /// Milliseconds per Raft tick (the election timeout is 10 to 20 ticks).
-    public var tickMilliseconds: Int64 = 50
-    /// Milliseconds a proposal or read may wait.
-    public var requestTimeoutMilliseconds: Int64 = 5000
-    /// Take a snapshot (a checkpoint, then log compaction) after this many applied entries.
-    public var snapshotInterval: UInt64 = 10_000
-    public var log = LogOptions()
-    public var raft: RaftConfiguration
-
-    public init(node: NodeID, dataDirectory: String, members: [NodeID: PeerAddress], clusterToken: [UInt8]) {
-        self.node = node
-        self.dataDirectory = dataDirectory
-        self.members = members
-        self.clusterToken = clusterToken
-        raft = RaftConfiguration(id: node)
-    }
-}
-
-/// A state machine's bytes as a checkpoint body.
-struct BytesCheckpoint: CheckpointSource {
-    let bytes: [UInt8]
-    func writeCheckpoint(to sink: inout CheckpointSink) throws(StorageError) { try sink.write(bytes) }
-}
-
-/// A running node.
-public final class KeelNode: @unchecked Sendable {
+/// A running node of a Keel cluster: a replicated, durable `StateMachine`.
+///
+/// ```swift
+/// let node = try await KeelNode.start(configuration: configuration, machine: Counter(), group: group)
+/// let result = try await node.propose(Array("add 5".utf8))      // once committed and applied
+/// let value = try await node.read(consistency: .linearizable) { $0.value }
+/// await node.shutdown()
+/// ```
+///
+/// Every call may be made from any task; the node does its work on one event loop. Calls throw
+/// `NodeError`.
+public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     // @unchecked Sendable: every mutable field below is touched only on `loop` (public calls hop
-    // onto it); `transport`, `storage` handles and `configuration` are set once.
+    // onto it); `transport`, `storage` and `configuration` are set once.
     public let configuration: NodeConfiguration
     let loop: any EventLoop
-    let raft: RaftNode
+    private var raft: RaftNode
     let storage: DurableRaftStorage
-    let machine: any ReplicatedStateMachine
-    var transport: PeerTransport!
+    let machine: Machine
+    private var transport: PeerTransport!
     let logger: Logger
     private var persisting = false
     private var stopped: String?
     private var closing = false
+    private var removed = false
+    private var wasMember: Bool
     private var ticker: RepeatedTask?
+    private var role = Role.follower
+    private var leader: NodeID?
+    /// The hard state as last made durable (messages may go out before a write only if it keeps
+    /// the term and vote).
+    private var persistedHardState: HardState
     private var nextRequest: UInt64 = 1
     /// Distinguishes this run's requests from an earlier run's still in the log (request ids
     /// restart at 1 after a restart).
     private let run = UInt64.random(in: 1...UInt64.max)
     private var writes: [UInt64: EventLoopPromise<[UInt8]>] = [:]
+    private var changes: [UInt64: EventLoopPromise<Void>] = [:]
     /// Reads by request id, from the call until they are served or time out.
     private var reads: [UInt64: EventLoopPromise<LogIndex>] = [:]
     /// Reads whose index is known, waiting for it to be applied.
     private var readsAwaitingApply: [(index: LogIndex, request: UInt64)] = []
+    private var transfer: (target: NodeID, promise: EventLoopPromise<Void>)?
+    private var checkpointWaiters: [EventLoopPromise<LogIndex>] = []
     private(set) var appliedIndex: LogIndex
     /// The membership as of `appliedIndex` (configuration entries applied in order), for snapshots.
     private var appliedMembership: Membership
+    /// Where members listen for peers.
+    private var addresses: [NodeID: PeerAddress]
+    /// A promotion this node (as leader) proposed and has not seen applied, with the tick it expires.
+    private var promoting: (node: NodeID, untilTick: UInt64)?
+    private var ticks: UInt64 = 0
     /// Storage work that may block (snapshot files, install): never on the loop.
     let storageQueue = DispatchQueue(label: "keel.node.storage")
     private var snapshotting = false
 
-    /// Starts a node: recovers its storage, listens for peers, starts ticking.
-    public static func start(configuration: NodeConfiguration, machine: any ReplicatedStateMachine, group: any EventLoopGroup,
+    /// Starts a node: recovers its state from its data directory (newest checkpoint, then the
+    /// log), listens for peers, and starts ticking. A single-member cluster elects itself at once.
+    ///
+    /// - Parameters:
+    ///   - configuration: the settings (checked with `NodeConfiguration.validate()`).
+    ///   - machine: the state machine, empty; it is restored from the newest checkpoint.
+    ///   - group: the event loops the node and its connections run on.
+    /// - Throws: `NodeError.invalidArgument` for bad settings, `StorageError` when the data
+    ///   directory cannot be recovered (it names the damage and the command that repairs it), or
+    ///   a bind error when the peer port is taken.
+    public static func start(configuration: NodeConfiguration, machine: Machine, group: any EventLoopGroup,
                              logger: Logger = Logger(label: "keel.node")) async throws -> KeelNode {
-        let membership = Membership(voters: Array(configuration.members.keys))
-        var logOptions = configuration.log
-        logOptions.fsyncPolicy = .always
-        let (storage, state) = try DurableRaftStorage.open(path: configuration.dataDirectory, options: logOptions, initialMembership: membership)
+        try configuration.validate()
+        let founding = Membership(voters: configuration.join ? [] : Array(configuration.members.keys))
+        let (storage, state) = try DurableRaftStorage.open(path: configuration.dataDirectory, options: configuration.log,
+                                                           initialMembership: founding)
         let raft: RaftNode
+        var addresses = configuration.members
         do {
-            if let state { try machine.restore(state) }
-            raft = try RaftNode(configuration: configuration.raft, storage: storage, randomSeed: UInt64.random(in: 1...UInt64.max))
+            if let state {
+                let (known, machineState) = try NodeSnapshotDecoding.decode(state)
+                // The configured addresses win over the snapshot's (an operator may have moved a member).
+                addresses = known.merging(configuration.members) { _, configured in configured }
+                try machine.restore(from: machineState)
+            }
+            raft = try RaftNode(configuration: configuration.raft, storage: storage, randomSeed: UInt64.random(in: 1...UInt64.max),
+                                applied: storage.snapshot.index)
         } catch {
             storage.close()
             throw error
         }
-        let node = KeelNode(configuration: configuration, loop: group.next(), raft: raft, storage: storage, machine: machine, logger: logger)
+        let node = KeelNode(configuration: configuration, loop: group.next(), raft: raft, storage: storage, machine: machine,
+                            addresses: addresses, logger: logger)
         node.transport = PeerTransport(
             configuration: PeerTransportConfiguration(node: configuration.node, listen: configuration.members[configuration.node]!,
                                                       clusterToken: configuration.clusterToken),
-            peers: configuration.members.filter { $0.key != configuration.node }, group: group, logger: logger
+            peers: addresses.filter { $0.key != configuration.node }, group: group, logger: logger
         ) { [weak node] message in
             guard let node else { return }
             node.loop.execute { node.receive(message) }
@@ -154,51 +136,129 @@ public final class KeelNode: @unchecked Sendable {
         try await node.loop.submit {
             node.ticker = node.loop.scheduleRepeatedTask(initialDelay: .milliseconds(configuration.tickMilliseconds),
                                                          delay: .milliseconds(configuration.tickMilliseconds)) { _ in
-                node.raft.tick()
-                node.process()
+                node.tick()
             }
-            if membership.voters == [configuration.node] { node.raft.campaign() }
+            if node.raft.status.membership.voters == [configuration.node] { node.raft.campaign() }
             node.process()
         }.get()
         return node
     }
 
     init(configuration: NodeConfiguration, loop: any EventLoop, raft: RaftNode, storage: DurableRaftStorage,
-         machine: any ReplicatedStateMachine, logger: Logger) {
+         machine: Machine, addresses: [NodeID: PeerAddress], logger: Logger) {
         self.configuration = configuration
         self.loop = loop
         self.raft = raft
         self.storage = storage
         self.machine = machine
+        self.addresses = addresses
         self.logger = logger
         appliedIndex = storage.snapshot.index
         appliedMembership = storage.snapshot.membership
+        persistedHardState = storage.hardState
+        wasMember = raft.status.membership.contains(configuration.node)
     }
 
     // MARK: - Calls
 
-    /// Proposes a command; returns the state machine's result once it is committed and applied here.
+    /// Proposes a command; returns the state machine's result once the command is committed (on
+    /// a majority's disks) and applied on this node. Any node takes proposals (followers forward
+    /// them to the leader).
+    ///
+    /// - Throws: `NodeError.noLeader` (try again), `.timedOut` (the outcome is unknown: the command
+    ///   may still commit), `.notMember`, `.shuttingDown`, `.storageFailed`.
     public func propose(_ command: [UInt8]) async throws -> [UInt8] {
         let promise = loop.makePromise(of: [UInt8].self)
         loop.execute { self.startProposal(command, promise) }
-        return try await promise.futureResult.get()
+        return try await Self.wait(promise.futureResult)
     }
 
-    /// Runs `body` on the state machine once it reflects every write committed before the call
-    /// (a linearizable read through ReadIndex).
-    public func read<T: Sendable>(_ body: @escaping @Sendable (any ReplicatedStateMachine) -> T) async throws -> T {
+    /// Runs `body` on the state machine at the chosen consistency and returns its result.
+    ///
+    /// - `.linearizable` (the default) sees every write acknowledged before the call, on any node;
+    /// - `.lease` the same, confirmed by the leader's lease (no round trip; needs check-quorum);
+    /// - `.local` this node's state at once (possibly stale).
+    ///
+    /// `body` runs on the node's event loop: keep it short, and do not keep references to the state.
+    public func read<T: Sendable>(consistency: Consistency = .linearizable,
+                                  _ body: @escaping @Sendable (Machine) -> T) async throws -> T {
+        if consistency != .local {
+            let promise = loop.makePromise(of: LogIndex.self)
+            loop.execute { self.startRead(promise, lease: consistency == .lease) }
+            _ = try await Self.wait(promise.futureResult)
+        }
+        let future = loop.submit { () throws -> T in
+            if let error = self.refusal() { throw error }
+            return body(self.machine)
+        }
+        return try await Self.wait(future)
+    }
+
+    /// Takes a checkpoint of the applied state now (then compacts the log).
+    ///
+    /// - Returns: the log index the checkpoint covers, once it is durable.
+    public func checkpoint() async throws -> LogIndex {
         let promise = loop.makePromise(of: LogIndex.self)
-        loop.execute { self.startRead(promise) }
-        _ = try await promise.futureResult.get()
-        return try await loop.submit { body(self.machine) }.get()
+        loop.execute {
+            if let error = self.refusal() { return promise.fail(error) }
+            if self.appliedIndex == self.storage.snapshot.index, !self.snapshotting { return promise.succeed(self.appliedIndex) }
+            self.checkpointWaiters.append(promise)
+            self.maybeSnapshot()
+        }
+        return try await Self.wait(promise.futureResult)
     }
 
-    /// The Raft state.
-    public func status() async throws -> RaftStatus {
-        try await loop.submit { self.raft.status }.get()
+    /// Adds a voter that listens for peers at `address`. Call on the leader; then start the new
+    /// node with `join` set. Until it has caught up, the cluster needs it for a majority: prefer
+    /// `addLearner`, which promotes it once it has caught up.
+    ///
+    /// - Throws: `.notLeader`, `.refused` (another change is under way), `.timedOut`, ...
+    public func addMember(_ id: NodeID, address: PeerAddress) async throws {
+        try await change(.addVoter, id, address: address)
     }
 
-    /// Stops ticking, fails what waits, closes the transport and the storage.
+    /// Adds a learner: it receives the log but does not vote. With `autoPromoteLearners` (the
+    /// default) the leader promotes it once it is within `promotionLagEntries` of the log.
+    public func addLearner(_ id: NodeID, address: PeerAddress) async throws {
+        try await change(.addLearner, id, address: address)
+    }
+
+    /// Makes a learner a voter.
+    public func promote(_ id: NodeID) async throws {
+        try await change(.promoteLearner, id, address: nil)
+    }
+
+    /// Removes a voter or learner. A removed node stops serving (`.notMember`); shut it down.
+    public func removeMember(_ id: NodeID) async throws {
+        try await change(.remove, id, address: nil)
+    }
+
+    /// Hands leadership to another voter; returns once it leads (call on the leader).
+    public func transferLeadership(to target: NodeID) async throws {
+        let promise = loop.makePromise(of: Void.self)
+        loop.execute {
+            if let error = self.refusal() { return promise.fail(error) }
+            do throws(RaftError) { try self.raft.transferLeadership(to: target) } catch { return promise.fail(NodeError(error)) }
+            self.transfer?.promise.fail(NodeError.refused("another transfer started"))
+            self.transfer = (target, promise)
+            self.loop.scheduleTask(in: .milliseconds(self.configuration.requestTimeoutMilliseconds)) {
+                if let transfer = self.transfer, transfer.promise.futureResult === promise.futureResult {
+                    self.transfer = nil
+                    promise.fail(NodeError.timedOut)
+                }
+            }
+            self.process()
+        }
+        try await Self.wait(promise.futureResult)
+    }
+
+    /// This node's view of itself and the cluster. Match indexes are known on the leader.
+    public func status() async throws -> NodeStatus {
+        try await Self.wait(loop.submit { self.currentStatus() })
+    }
+
+    /// Stops ticking, fails what waits (`.shuttingDown`), closes the transport, lets a write in
+    /// flight finish, and closes the storage.
     public func shutdown() async {
         let waiting: Void? = try? await loop.submit {
             self.closing = true
@@ -216,24 +276,22 @@ public final class KeelNode: @unchecked Sendable {
         storage.close()
     }
 
+    private static func wait<T: Sendable>(_ future: EventLoopFuture<T>) async throws -> T {
+        try await future.get()
+    }
+
     // MARK: - On the loop
+
+    private func tag(_ request: UInt64) -> RequestTag {
+        RequestTag(origin: configuration.node.rawValue, run: run, request: request)
+    }
 
     private func startProposal(_ command: [UInt8], _ promise: EventLoopPromise<[UInt8]>) {
         if let error = refusal() { return promise.fail(error) }
         let request = nextRequest
         nextRequest += 1
-        var writer = ByteWriter(capacity: 25 + command.count)
-        writer.write(UInt8(1))
-        writer.write(configuration.node.rawValue)
-        writer.write(run)
-        writer.write(request)
-        writer.write(bytes: command)
-        do {
-            try raft.propose(writer.bytes)
-        } catch RaftError.noLeader {
-            return promise.fail(NodeError.noLeader)
-        } catch {
-            return promise.fail(NodeError.refused("\(error)"))
+        do { try raft.propose(CommandRecord.encode(tag(request), command: command)) } catch {
+            return promise.fail(NodeError(error))
         }
         writes[request] = promise
         loop.scheduleTask(in: .milliseconds(configuration.requestTimeoutMilliseconds)) {
@@ -242,18 +300,14 @@ public final class KeelNode: @unchecked Sendable {
         process()
     }
 
-    private func startRead(_ promise: EventLoopPromise<LogIndex>) {
+    private func startRead(_ promise: EventLoopPromise<LogIndex>, lease: Bool) {
         if let error = refusal() { return promise.fail(error) }
         let request = nextRequest
         nextRequest += 1
         var context = ByteWriter(capacity: 8)
         context.write(request)
-        do {
-            try raft.readIndex(context: context.bytes)
-        } catch RaftError.noLeader {
-            return promise.fail(NodeError.noLeader)
-        } catch {
-            return promise.fail(NodeError.refused("\(error)"))
+        do { try raft.readIndex(context: context.bytes, consistency: lease ? .lease : .readIndex) } catch {
+            return promise.fail(NodeError(error))
         }
         reads[request] = promise
         loop.scheduleTask(in: .milliseconds(configuration.requestTimeoutMilliseconds)) {
@@ -262,10 +316,97 @@ public final class KeelNode: @unchecked Sendable {
         process()
     }
 
+    private func change(_ kind: ConfigurationChange.Kind, _ id: NodeID, address: PeerAddress?) async throws {
+        let promise = loop.makePromise(of: Void.self)
+        let deadline = NIODeadline.now() + .milliseconds(configuration.requestTimeoutMilliseconds)
+        loop.execute { self.startChange(kind, id, address: address, deadline: deadline, promise) }
+        try await Self.wait(promise.futureResult)
+    }
+
+    private func startChange(_ kind: ConfigurationChange.Kind, _ id: NodeID, address: PeerAddress?, deadline: NIODeadline,
+                             _ promise: EventLoopPromise<Void>) {
+        if let error = refusal() { return promise.fail(error) }
+        guard role == .leader else { return promise.fail(NodeError.notLeader(leader)) }
+        if let address, address.host.isEmpty || address.host.utf8.count > 255 || !(1...65535).contains(address.port) {
+            return promise.fail(NodeError.invalidArgument("\(address) is not a peer address"))
+        }
+        if kind == .addVoter || kind == .addLearner, storage.snapshot.index == .zero {
+            // A new member learns the membership from a snapshot (the founding voters are in no log
+            // entry): make sure there is one before it asks for the log from the start.
+            let ready = loop.makePromise(of: LogIndex.self)
+            checkpointWaiters.append(ready)
+            maybeSnapshot()
+            ready.futureResult.whenComplete { result in
+                switch result {
+                case .success: self.startChange(kind, id, address: address, deadline: deadline, promise)
+                case .failure(let error): promise.fail(error)
+                }
+            }
+            return
+        }
+        let request = nextRequest
+        nextRequest += 1
+        let change = ConfigurationChange(kind, id, context: ChangeContext.encode(tag(request), address: address))
+        do {
+            try raft.proposeConfigurationChange(change)
+        } catch .leaderNotReady where NIODeadline.now() < deadline {
+            // A new leader commits an entry of its term first (a tick or two): try again then.
+            loop.scheduleTask(in: .milliseconds(configuration.tickMilliseconds)) {
+                self.startChange(kind, id, address: address, deadline: deadline, promise)
+            }
+            return
+        } catch {
+            return promise.fail(NodeError(error))
+        }
+        changes[request] = promise
+        loop.scheduleTask(in: .milliseconds(configuration.requestTimeoutMilliseconds)) {
+            self.changes.removeValue(forKey: request)?.fail(NodeError.timedOut)
+        }
+        process()
+    }
+
     private func refusal() -> NodeError? {
         if let stopped { return .storageFailed(stopped) }
         if closing { return .shuttingDown }
+        if removed { return .notMember }
         return nil
+    }
+
+    private func currentStatus() -> NodeStatus {
+        let raftStatus = raft.status
+        let membership = raftStatus.membership
+        let members = membership.all.map { id in
+            MemberStatus(id: id, address: addresses[id], isVoter: membership.isVoter(id), matchIndex: raftStatus.matchIndex[id])
+        }
+        return NodeStatus(id: configuration.node, role: raftStatus.role, term: raftStatus.term, leader: raftStatus.leader,
+                          commitIndex: raftStatus.commitIndex, appliedIndex: appliedIndex, lastIndex: raftStatus.lastIndex,
+                          snapshotIndex: storage.snapshot.index, members: members, stopped: stopped)
+    }
+
+    private func tick() {
+        guard stopped == nil, !closing else { return }
+        ticks += 1
+        raft.tick()
+        maybePromoteLearner()
+        process()
+    }
+
+    /// On the leader: promotes a learner that has caught up to within `promotionLagEntries`.
+    private func maybePromoteLearner() {
+        guard configuration.autoPromoteLearners, role == .leader else { return }
+        if let promoting, promoting.untilTick > ticks { return }
+        promoting = nil
+        let status = raft.status
+        for learner in status.membership.learners {
+            guard let match = status.matchIndex[learner], match > .zero,
+                  match.rawValue + configuration.promotionLagEntries >= status.lastIndex.rawValue else { continue }
+            let change = ConfigurationChange(.promoteLearner, learner, context: ChangeContext.encode(tag(0), address: nil))
+            // One change at a time: a refusal (another change under way) is tried again next tick.
+            guard (try? raft.proposeConfigurationChange(change)) != nil else { return }
+            logger.info("node \(configuration.node) promotes learner \(learner) (match \(match), last \(status.lastIndex))")
+            promoting = (learner, ticks + 20 * UInt64(configuration.raft.electionTicks))
+            return
+        }
     }
 
     private func receive(_ message: Message) {
@@ -278,6 +419,15 @@ public final class KeelNode: @unchecked Sendable {
     private func process() {
         guard !persisting, stopped == nil, !closing, raft.hasReady else { return }
         let ready = raft.ready()
+        if let soft = ready.softState { noteSoftState(soft) }
+        learnAddresses(from: ready.entries)
+        // A leader's appends go out while they are written, unless this Ready changes the term
+        // or vote (then everything waits until that is durable).
+        let keepsVote = ready.hardState.map { $0.term == persistedHardState.term && $0.votedFor == persistedHardState.votedFor } ?? true
+        let sendsEarly = role == .leader && keepsVote
+        let early = sendsEarly ? ready.messages.filter(Self.mayPrecedePersistence) : []
+        let late = sendsEarly ? ready.messages.filter { !Self.mayPrecedePersistence($0) } : ready.messages
+        if !early.isEmpty { transport.send(early) }
         persisting = true
         let storage = self.storage
         storageQueue.async {
@@ -287,42 +437,60 @@ public final class KeelNode: @unchecked Sendable {
                 for chunk in ready.incomingSnapshotChunks { try storage.receive(chunk) }
                 installed = try ready.snapshot.map { snapshot throws(StorageError) in try storage.installBlocking(snapshot) }
             } catch {
-                self.loop.execute { self.persisted(ready, .failure(error), installed: nil) }
+                self.loop.execute { self.persisted(ready, late: late, .failure(error), installed: nil) }
                 return
             }
             storage.persist(entries: ready.entries, hardState: ready.hardState) { result in
-                self.loop.execute { self.persisted(ready, result, installed: installed) }
+                self.loop.execute { self.persisted(ready, late: late, result, installed: installed) }
             }
         }
     }
 
-    private func persisted(_ ready: Ready, _ result: Result<Void, StorageError>, installed: [UInt8]?) {
+    /// A leader's appends, heartbeats and snapshot chunks carry nothing it must have on disk first.
+    private static func mayPrecedePersistence(_ message: Message) -> Bool {
+        message.kind == .appendEntries || message.kind == .heartbeat || message.kind == .installSnapshot
+    }
+
+    private func noteSoftState(_ soft: SoftState) {
+        role = soft.role
+        leader = soft.leader
+        if let transfer, soft.leader == transfer.target {
+            self.transfer = nil
+            transfer.promise.succeed(())
+        }
+    }
+
+    private func persisted(_ ready: Ready, late: [Message], _ result: Result<Void, StorageError>, installed: [UInt8]?) {
         persisting = false
         // After shutdown began, nothing more is applied or sent (its callers were failed already).
         guard !closing else { return }
-        if case .failure(let error) = result {
+        switch result {
+        case .failure(.corruption(let file, _, let reason, _)) where ready.snapshot != nil || !ready.incomingSnapshotChunks.isEmpty:
+            // A received snapshot that does not verify (a corrupted transfer, or one resumed from a
+            // leader whose checkpoint differs): drop it, and restart the core from what is durable.
+            return restartCore(because: "the received snapshot \(file) does not verify (\(reason))")
+        case .failure(let error):
             // A failed fsync (or any write error): stop taking part, and say why.
-            stopped = "\(error)"
-            logger.critical("node \(configuration.node) stops: \(error)")
-            ticker?.cancel()
-            failAll(NodeError.storageFailed("\(error)"))
-            return
+            return stop("\(error)")
+        case .success:
+            break
         }
+        if let hardState = ready.hardState { persistedHardState = hardState }
         if let installed, let snapshot = ready.snapshot {
             do {
-                try machine.restore(installed)
+                let (known, machineState) = try NodeSnapshotDecoding.decode(installed)
+                try machine.restore(from: machineState)
+                addresses = known.merging(addresses.filter { $0.key == configuration.node }) { _, own in own }
+                transport.updatePeers(addresses.filter { $0.key != configuration.node })
                 appliedIndex = snapshot.index
                 appliedMembership = snapshot.membership
+                noteMembership(snapshot.membership)
             } catch {
-                stopped = "a received snapshot does not restore: \(error)"
-                logger.critical("node \(configuration.node) stops: \(stopped!)")
-                ticker?.cancel()
-                failAll(NodeError.storageFailed(stopped!))
-                return
+                return stop("a received snapshot does not restore: \(error)")
             }
         }
         // 2. Send. 3. Apply. 4. Advance.
-        if !closing { transport.send(ready.messages) }
+        transport.send(late)
         for entry in ready.committedEntries { apply(entry) }
         for state in ready.readStates {
             var reader = ByteReader(state.context)
@@ -335,40 +503,123 @@ public final class KeelNode: @unchecked Sendable {
         process()
     }
 
-    /// Takes a snapshot when enough entries were applied since the last one: the state is copied
-    /// on the loop, written and the log compacted on the storage queue.
+    private func stop(_ reason: String) {
+        stopped = reason
+        logger.critical("node \(configuration.node) stops: \(reason)")
+        ticker?.cancel()
+        failAll(NodeError.storageFailed(reason))
+    }
+
+    /// Replaces the core with one made from what is durable, as a crash and restart would; what
+    /// was not yet persisted (and the messages not yet sent) is gone, and their callers time out.
+    private func restartCore(because reason: String) {
+        logger.warning("node \(configuration.node): \(reason); restarting Raft from the durable state")
+        do {
+            raft = try RaftNode(configuration: configuration.raft, storage: storage, randomSeed: UInt64.random(in: 1...UInt64.max),
+                                applied: appliedIndex)
+        } catch {
+            return stop("Raft does not restart: \(error)")
+        }
+        role = .follower
+        leader = nil
+        readsAwaitingApply = []
+        process()
+    }
+
+    /// Learns the addresses new configuration entries carry, so messages can reach new members.
+    private func learnAddresses(from entries: [Entry]) {
+        var changed = false
+        for entry in entries where entry.kind == .configurationChange {
+            guard let change = ConfigurationChange(decoding: entry.data), change.kind != .remove,
+                  let (_, address) = ChangeContext.decode(change.context), let address, addresses[change.node] != address else { continue }
+            addresses[change.node] = address
+            changed = true
+        }
+        if changed { transport.updatePeers(addresses.filter { $0.key != configuration.node }) }
+    }
+
+    /// Takes a snapshot when enough entries were applied since the last one, or one was asked
+    /// for: the state machine's snapshot is taken on the loop, written on the storage queue.
     private func maybeSnapshot() {
-        guard !snapshotting, !closing, appliedIndex.rawValue >= storage.snapshot.index.rawValue + configuration.snapshotInterval,
-              let term = raft.term(at: appliedIndex) else { return }
+        guard !snapshotting, !closing, stopped == nil else { return }
+        let due = appliedIndex.rawValue >= storage.snapshot.index.rawValue + configuration.snapshotInterval
+        guard due || !checkpointWaiters.isEmpty else { return }
+        guard appliedIndex > storage.snapshot.index, let term = raft.term(at: appliedIndex) else {
+            // Nothing new since the last checkpoint, or (at index 0) nothing applied yet: the
+            // waiters are answered by the next one.
+            if appliedIndex == storage.snapshot.index, appliedIndex > .zero {
+                for waiter in checkpointWaiters { waiter.succeed(appliedIndex) }
+                checkpointWaiters = []
+            }
+            return
+        }
         snapshotting = true
-        let bytes = machine.snapshot()
+        let state = NodeSnapshot(addresses: addresses, inner: machine.snapshot())
         let index = appliedIndex
         let membership = appliedMembership
+        let waiters = checkpointWaiters
+        checkpointWaiters = []
         let storage = self.storage
         storageQueue.async {
+            let result: Result<LogIndex, StorageError>
             do throws(StorageError) {
-                try storage.createSnapshot(at: index, term: term, membership: membership, state: BytesCheckpoint(bytes: bytes),
-                                           wallTimeMilliseconds: 0)
+                try storage.createSnapshot(at: index, term: term, membership: membership, state: state, wallTimeMilliseconds: 0)
+                result = .success(index)
             } catch {
-                self.logger.error("snapshot at \(index) failed: \(error)")
+                result = .failure(error)
             }
-            self.loop.execute { self.snapshotting = false }
+            self.loop.execute {
+                self.snapshotting = false
+                switch result {
+                case .success(let index): for waiter in waiters { waiter.succeed(index) }
+                case .failure(let error):
+                    self.logger.error("snapshot at \(index) failed: \(error)")
+                    for waiter in waiters { waiter.fail(NodeError.storageFailed("checkpoint failed: \(error)")) }
+                }
+                self.maybeSnapshot()
+            }
         }
     }
 
     private func apply(_ entry: Entry) {
         appliedIndex = entry.index
-        if entry.kind == .configurationChange, let change = ConfigurationChange(decoding: entry.data) {
+        switch entry.kind {
+        case .configurationChange:
+            guard let change = ConfigurationChange(decoding: entry.data) else { return }
             appliedMembership = appliedMembership.applying(change)
+            let decoded = ChangeContext.decode(change.context)
+            if change.kind == .remove, change.node != configuration.node {
+                addresses[change.node] = nil
+                transport.updatePeers(addresses.filter { $0.key != configuration.node })
+            } else if let address = decoded?.1, addresses[change.node] != address {
+                addresses[change.node] = address
+                transport.updatePeers(addresses.filter { $0.key != configuration.node })
+            }
+            if promoting?.node == change.node { promoting = nil }
+            noteMembership(appliedMembership)
+            if let (tag, _) = decoded, tag.origin == configuration.node.rawValue, tag.run == run,
+               let promise = changes.removeValue(forKey: tag.request) {
+                promise.succeed(())
+            }
+        case .normal:
+            guard let (tag, command) = CommandRecord.decode(entry.data) else { return }
+            let result = machine.apply(Array(command))
+            if tag.origin == configuration.node.rawValue, tag.run == run, let promise = writes.removeValue(forKey: tag.request) {
+                promise.succeed(result)
+            }
         }
-        // An entry: version 1, origin node, origin run, request id, command.
-        guard entry.kind == .normal, entry.data.count >= 25, entry.data[0] == 1 else { return }
-        var reader = ByteReader(entry.data)
-        guard (try? reader.readUInt8()) == 1, let origin = try? reader.readUInt64(), let originRun = try? reader.readUInt64(),
-              let request = try? reader.readUInt64() else { return }
-        let result = machine.apply(Array(entry.data[25...]))
-        if origin == configuration.node.rawValue, originRun == run, let promise = writes.removeValue(forKey: request) {
-            promise.succeed(result)
+    }
+
+    /// A node that sees itself removed stops serving. (A joining node is not a member until its
+    /// addition is applied: the snapshot it starts from may predate it.)
+    private func noteMembership(_ membership: Membership) {
+        if membership.contains(configuration.node) {
+            wasMember = true
+            removed = false
+        } else if wasMember, !removed {
+            removed = true
+            logger.notice("node \(configuration.node) was removed from the cluster (\(membership))")
+            failAll(NodeError.notMember)
         }
     }
 
@@ -383,8 +634,14 @@ public final class KeelNode: @unchecked Sendable {
     private func failAll(_ error: NodeError) {
         for (_, promise) in writes { promise.fail(error) }
         writes = [:]
+        for (_, promise) in changes { promise.fail(error) }
+        changes = [:]
         for (_, promise) in reads { promise.fail(error) }
         reads = [:]
         readsAwaitingApply = []
+        for waiter in checkpointWaiters { waiter.fail(error) }
+        checkpointWaiters = []
+        transfer?.promise.fail(error)
+        transfer = nil
     }
 }

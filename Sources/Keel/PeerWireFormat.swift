@@ -53,7 +53,8 @@ public enum PeerWireFormat {
         writer.write(message.logTerm.rawValue)
         writer.write(message.index.rawValue)
         writer.write(message.commit.rawValue)
-        writer.write(UInt8(message.reject ? 1 : 0))
+        // Flags: bit 0 reject, bit 1 lease read.
+        writer.write(UInt8(message.reject ? 1 : 0) | UInt8(message.leaseRead ? 2 : 0))
         writer.write(message.rejectHint.rawValue)
         writer.writeLengthPrefixed(message.context)
         writer.write(UInt32(message.entries.count))
@@ -92,7 +93,10 @@ public enum PeerWireFormat {
             message.logTerm = Term(try reader.readUInt64("log term"))
             message.index = LogIndex(try reader.readUInt64("index"))
             message.commit = LogIndex(try reader.readUInt64("commit"))
-            message.reject = try readFlag(&reader, "reject")
+            let flags = try reader.readUInt8("flags")
+            guard flags & ~3 == 0 else { throw PeerProtocolError("unknown flags \(flags)") }
+            message.reject = flags & 1 != 0
+            message.leaseRead = flags & 2 != 0
             message.rejectHint = LogIndex(try reader.readUInt64("reject hint"))
             message.context = Array(try reader.readLengthPrefixed(limit: limits.frameSizeMax, "context"))
             let entryCount = Int(try reader.readUInt32("entry count"))

@@ -42,6 +42,9 @@ public struct Message: Sendable, Equatable, CustomStringConvertible {
     public var entries: [Entry] = []
     public var commit: LogIndex = .zero
     public var reject = false
+    /// On a `readIndex` request: the requester accepts an answer the leader confirms by its lease
+    /// (§6.4.1) instead of a round of heartbeats.
+    public var leaseRead = false
     public var rejectHint: LogIndex = .zero
     public var context: [UInt8] = []
     public var snapshot: SnapshotMetadata?

@@ -15,12 +15,14 @@ struct RaftLog {
     /// Entries up to here have been handed to the caller to apply.
     private(set) var applied: LogIndex
 
-    init(storage: any RaftStorage, committed: LogIndex) {
+    init(storage: any RaftStorage, committed: LogIndex, applied: LogIndex = .zero) {
         self.storage = storage
         unstableOffset = storage.lastIndex.next
         let snapshotIndex = storage.snapshot.index
-        self.committed = max(committed, snapshotIndex)
-        applied = snapshotIndex
+        // What the caller applied was committed, and it holds those entries (or their snapshot).
+        let applied = min(applied, max(storage.lastIndex, snapshotIndex))
+        self.committed = max(committed, snapshotIndex, applied)
+        self.applied = max(snapshotIndex, applied)
     }
 
     var firstIndex: LogIndex {

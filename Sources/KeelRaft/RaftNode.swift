@@ -47,7 +47,7 @@ public final class RaftNode {
     private var uncommittedSize = 0
     private var pendingReads: [ReadRequest] = []
     private var nextReadID: UInt64 = 1
-    private var readsAwaitingCommit: [(context: [UInt8], requester: NodeID)] = []
+    private var readsAwaitingCommit: [(context: [UInt8], requester: NodeID, lease: Bool)] = []
     private var incomingSnapshot: (metadata: SnapshotMetadata, received: Int)?
     private var snapshotResendTicks: [NodeID: Int] = [:]
     /// Ticks counted while leading; heartbeats carry the count and replies echo it (lease reads).
@@ -69,12 +69,14 @@ public final class RaftNode {
     ///   - configuration: settings (validated).
     ///   - storage: the persisted log, hard state and snapshot.
     ///   - randomSeed: the source of the randomized election timeouts.
-    public init(configuration: RaftConfiguration, storage: any RaftStorage, randomSeed: UInt64) throws(RaftError) {
+    ///   - applied: the index the caller's state machine has applied through (entries up to it are
+    ///     not handed out again); zero means the snapshot's index.
+    public init(configuration: RaftConfiguration, storage: any RaftStorage, randomSeed: UInt64, applied: LogIndex = .zero) throws(RaftError) {
         try configuration.validate()
         self.configuration = configuration
         random = SeededRandom(seed: randomSeed)
         let (hardState, snapshotMembership) = storage.initialState()
-        log = RaftLog(storage: storage, committed: hardState.commit)
+        log = RaftLog(storage: storage, committed: hardState.commit, applied: applied)
         term = hardState.term
         votedFor = hardState.votedFor
         membership = snapshotMembership
@@ -158,8 +160,13 @@ public final class RaftNode {
 
     /// Asks for a read index (linearizable read, dissertation §6.4). A `ReadState` with the same
     /// context comes back in a later `Ready`; serve the read once that index is applied.
-    public func readIndex(context: [UInt8]) throws(RaftError) {
+    ///
+    /// - Parameter consistency: how the leader confirms it still leads; nil takes the configured
+    ///   default. `.lease` needs check-quorum.
+    public func readIndex(context: [UInt8], consistency: ReadConsistency? = nil) throws(RaftError) {
         guard !context.isEmpty else { throw .invalidMessage("a read needs a non-empty context to be matched with its answer") }
+        let lease = (consistency ?? configuration.readConsistency) == .lease
+        if lease, !configuration.checkQuorum { throw .invalidConfiguration("lease reads need check-quorum") }
         defer { afterInput() }
         if configuration.faults.readWithoutReadIndex {
             readStates.append(ReadState(index: log.committed, context: context))
@@ -167,11 +174,12 @@ public final class RaftNode {
         }
         switch role {
         case .leader:
-            try handleReadIndex(context: context, requester: id)
+            try handleReadIndex(context: context, requester: id, lease: lease)
         case .follower:
             guard let leader else { throw .noLeader }
             var message = Message(kind: .readIndex, from: id, to: leader, term: .zero)
             message.context = context
+            message.leaseRead = lease
             send(message)
         case .preCandidate, .candidate:
             throw .noLeader
@@ -524,6 +532,21 @@ public final class RaftNode {
         return true
     }
 
+    /// One last append to a member that was just removed, from what it is known to hold, with the
+    /// commit index: a removed node learns its removal committed (it gets nothing more from this
+    /// leader). Best effort: lost, or if it lags too far, it learns nothing and stays idle.
+    private func sendFarewell(to member: NodeID) {
+        guard let entry = progress[member], entry.matchIndex > .zero, let previousTerm = try? log.term(at: entry.matchIndex),
+              let entries = try? log.entries(from: entry.matchIndex.next, maxSize: configuration.messageSizeMax,
+                                             maxCount: configuration.messageEntriesMax) else { return }
+        var message = Message(kind: .appendEntries, from: id, to: member, term: term)
+        message.index = entry.matchIndex
+        message.logTerm = previousTerm
+        message.entries = entries
+        message.commit = log.committed
+        send(message)
+    }
+
     private func sendSnapshotChunk(to member: NodeID) {
         guard case .snapshot(var metadata, var offset, let inFlight) = progress[member]?.state, !inFlight else { return }
         let chunk: SnapshotChunk
@@ -548,14 +571,14 @@ public final class RaftNode {
 
     // MARK: - Reads (§6.4)
 
-    private func handleReadIndex(context: [UInt8], requester: NodeID) throws(RaftError) {
+    private func handleReadIndex(context: [UInt8], requester: NodeID, lease: Bool) throws(RaftError) {
         guard committedEntryInCurrentTerm else {
             // A new leader does not know the commit index until it commits an entry of its term.
             guard readsAwaitingCommit.count < configuration.pendingReadsMax else { throw .overloaded }
-            readsAwaitingCommit.append((context, requester))
+            readsAwaitingCommit.append((context, requester, lease))
             return
         }
-        if membership.voters == [id] || (configuration.readConsistency == .lease && leaseIsValid) {
+        if membership.voters == [id] || (lease && leaseIsValid) {
             respondToRead(index: log.committed, context: context, requester: requester)
             return
         }
@@ -592,7 +615,7 @@ public final class RaftNode {
         let waiting = readsAwaitingCommit
         readsAwaitingCommit = []
         for read in waiting {
-            do { try handleReadIndex(context: read.context, requester: read.requester) } catch {
+            do { try handleReadIndex(context: read.context, requester: read.requester, lease: read.lease) } catch {
                 // Over the limit: the read is dropped and its caller times out, as with a lost message.
                 continue
             }
@@ -662,7 +685,10 @@ public final class RaftNode {
             entry.recentlyActive = true
             progress[member] = entry
         }
-        for member in Array(progress.keys) where !membership.contains(member) { progress[member] = nil }
+        for member in Array(progress.keys) where !membership.contains(member) {
+            sendFarewell(to: member)
+            progress[member] = nil
+        }
         if let transferee = leadTransferee, !membership.isVoter(transferee) { leadTransferee = nil }
         if maybeCommit() { broadcastAppend() }
         broadcastAppend()
@@ -784,7 +810,7 @@ public final class RaftNode {
                 do { try proposeEntry(entry) } catch { continue }
             }
         case .readIndex:
-            do { try handleReadIndex(context: message.context, requester: message.from) } catch {
+            do { try handleReadIndex(context: message.context, requester: message.from, lease: message.leaseRead) } catch {
                 return // over the limit: dropped, the follower's caller times out
             }
         case .appendEntriesResponse:

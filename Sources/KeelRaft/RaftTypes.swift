@@ -112,25 +112,30 @@ public struct ConfigurationChange: Sendable, Equatable, CustomStringConvertible 
 
     public var kind: Kind
     public var node: NodeID
+    /// Bytes Raft carries but never reads (the node runtime puts the member's address and the
+    /// request id here).
+    public var context: [UInt8]
 
-    public init(_ kind: Kind, _ node: NodeID) {
+    public init(_ kind: Kind, _ node: NodeID, context: [UInt8] = []) {
         self.kind = kind
         self.node = node
+        self.context = context
     }
 
-    /// The entry data: kind (1 byte), node (8 bytes, little-endian).
+    /// The entry data: kind (1 byte), node (8 bytes, little-endian), then the context (the rest).
     public var encoded: [UInt8] {
-        var writer = ByteWriter(capacity: 9)
+        var writer = ByteWriter(capacity: 9 + context.count)
         writer.write(kind.rawValue)
         writer.write(node.rawValue)
+        writer.write(bytes: context)
         return writer.bytes
     }
 
     /// Decodes entry data; nil if it is not a change.
     public init?(decoding bytes: [UInt8]) {
         var reader = ByteReader(bytes)
-        guard let raw = try? reader.readUInt8(), let kind = Kind(rawValue: raw), let node = try? reader.readUInt64(), reader.isAtEnd else { return nil }
-        self.init(kind, NodeID(node))
+        guard let raw = try? reader.readUInt8(), let kind = Kind(rawValue: raw), let node = try? reader.readUInt64() else { return nil }
+        self.init(kind, NodeID(node), context: Array(bytes.dropFirst(9)))
     }
 
     public var description: String {

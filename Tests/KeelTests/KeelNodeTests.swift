@@ -9,7 +9,7 @@ import NIOPosix
 import Testing
 
 /// A register map for the node tests: "set k v" and "get k".
-final class TestMachine: ReplicatedStateMachine, @unchecked Sendable {
+final class TestMachine: StateMachine, @unchecked Sendable {
     // @unchecked Sendable: used only on the node's event loop.
     var values: [String: String] = [:]
     var applied: [String] = []
@@ -25,16 +25,22 @@ final class TestMachine: ReplicatedStateMachine, @unchecked Sendable {
         return Array("?".utf8)
     }
 
-    func snapshot() -> [UInt8] {
-        var writer = ByteWriter()
-        for key in values.keys.sorted() {
-            writer.writeLengthPrefixed(Array(key.utf8))
-            writer.writeLengthPrefixed(Array(values[key]!.utf8))
+    /// A copy-on-write copy of the map: O(1) to take, written out on the storage queue.
+    struct Snapshot: CheckpointSource {
+        let values: [String: String]
+        func writeCheckpoint(to sink: inout CheckpointSink) throws(StorageError) {
+            var writer = ByteWriter()
+            for key in values.keys.sorted() {
+                writer.writeLengthPrefixed(Array(key.utf8))
+                writer.writeLengthPrefixed(Array(values[key]!.utf8))
+            }
+            try sink.write(writer.bytes)
         }
-        return writer.bytes
     }
 
-    func restore(_ bytes: [UInt8]) throws {
+    func snapshot() -> Snapshot { Snapshot(values: values) }
+
+    func restore(from bytes: [UInt8]) throws {
         var reader = ByteReader(bytes)
         var restored: [String: String] = [:]
         while !reader.isAtEnd {
@@ -71,7 +77,7 @@ struct KeelNodeTests {
         return configuration
     }
 
-    func leader(of nodes: [KeelNode]) async throws -> KeelNode? {
+    func leader(of nodes: [KeelNode<TestMachine>]) async throws -> KeelNode<TestMachine>? {
         for node in nodes where try await node.status().role == .leader { return node }
         return nil
     }
@@ -83,12 +89,12 @@ struct KeelNodeTests {
         defer { try? FileManager.default.removeItem(atPath: base) }
         let ports = try await freePorts(3, group: group)
         let machines = (0..<3).map { _ in TestMachine() }
-        var nodes: [KeelNode] = []
+        var nodes: [KeelNode<TestMachine>] = []
         for id in 1...3 {
             nodes.append(try await KeelNode.start(configuration: configuration(UInt64(id), ports: ports, base: base), machine: machines[id - 1],
                                                   group: group, logger: silentLogger))
         }
-        var elected: KeelNode?
+        var elected: KeelNode<TestMachine>?
         for _ in 0..<500 where elected == nil {
             elected = try await leader(of: nodes)
             if elected == nil { try await Task.sleep(for: .milliseconds(20)) }
@@ -109,7 +115,7 @@ struct KeelNodeTests {
         }
         // A linearizable read through a follower sees every write acknowledged before it.
         let follower = try await nodes.asyncFirst { try await $0.status().role != .leader } ?? nodes[0]
-        let seen = try await follower.read { machine in (machine as! TestMachine).values.count }
+        let seen = try await follower.read { $0.values.count }
         #expect(seen == 30)
         for node in nodes { await node.shutdown() }
         let histories = machines.map(\.applied)
@@ -148,7 +154,7 @@ struct KeelNodeTests {
         node = try await KeelNode.start(configuration: configuration(1, ports: ports, base: base), machine: second, group: group, logger: silentLogger)
         var caughtUp = false
         for _ in 0..<500 where !caughtUp {
-            caughtUp = try await node.read { ($0 as! TestMachine).values.count } == 20
+            caughtUp = try await node.read { $0.values.count } == 20
             if !caughtUp { try await Task.sleep(for: .milliseconds(20)) }
         }
         #expect(caughtUp, "the committed log is applied again after the restart")
@@ -164,15 +170,15 @@ extension KeelNodeTests {
         let base = NSTemporaryDirectory() + "keel-node-snapshot-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         defer { try? FileManager.default.removeItem(atPath: base) }
         let ports = try await freePorts(3, group: group)
-        func start(_ id: UInt64, _ machine: TestMachine) async throws -> KeelNode {
+        func start(_ id: UInt64, _ machine: TestMachine) async throws -> KeelNode<TestMachine> {
             var configuration = configuration(id, ports: ports, base: base)
             configuration.snapshotInterval = 20
             return try await KeelNode.start(configuration: configuration, machine: machine, group: group, logger: silentLogger)
         }
         let machines = [TestMachine(), TestMachine(), TestMachine()]
-        var nodes: [KeelNode] = []
+        var nodes: [KeelNode<TestMachine>] = []
         for id in 1...3 { nodes.append(try await start(UInt64(id), machines[id - 1])) }
-        func propose(_ command: String, via candidates: [KeelNode]) async throws {
+        func propose(_ command: String, via candidates: [KeelNode<TestMachine>]) async throws {
             for attempt in 0..<300 {
                 do {
                     _ = try await candidates[attempt % candidates.count].propose(Array(command.utf8))
@@ -200,13 +206,13 @@ extension KeelNodeTests {
         nodes[2] = try await start(3, rejoined)
         var caughtUp = false
         for _ in 0..<500 where !caughtUp {
-            do { caughtUp = try await nodes[2].read { ($0 as! TestMachine).values.count } == 81 } catch NodeError.noLeader {
+            do { caughtUp = try await nodes[2].read { $0.values.count } == 81 } catch NodeError.noLeader {
                 // Not yet in touch with the leader.
             } catch NodeError.timedOut {}
             if !caughtUp { try await Task.sleep(for: .milliseconds(20)) }
         }
         #expect(caughtUp, "node 3 reached the others' state")
-        let restored = try await nodes[2].read { ($0 as! TestMachine).restoredFromSnapshot }
+        let restored = try await nodes[2].read { $0.restoredFromSnapshot }
         #expect(restored, "by installing a snapshot, not by replaying a log the others no longer have")
         for node in nodes { await node.shutdown() }
         try await group.shutdownGracefully()

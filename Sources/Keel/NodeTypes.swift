@@ -1,0 +1,168 @@
+// The public vocabulary of a Keel node: its state machine, its settings, its errors, its status.
+
+import KeelCore
+import KeelRaft
+import KeelStorage
+
+/// The state a node replicates. Every node applies the same commands in the same order, so
+/// `apply` must be deterministic: the same state and command give the same state and result on
+/// every machine (no clocks, no randomness, no iteration over unordered collections).
+///
+/// A node calls these on its event loop, one at a time.
+public protocol StateMachine: AnyObject, SendableMetatype {
+    /// A frozen copy of the state that can be written out on another thread while `apply` goes on.
+    /// Make it O(1): a copy-on-write value such as `TreeDictionary` (swift-collections) is one.
+    associatedtype Snapshot: CheckpointSource
+
+    /// Applies a committed command and returns its result (given to the caller of `propose`).
+    func apply(_ command: [UInt8]) -> [UInt8]
+
+    /// The state as of the last applied command. Called on the loop; written out off the loop.
+    func snapshot() -> Snapshot
+
+    /// Replaces the whole state with a snapshot's bytes (what a `Snapshot` wrote).
+    func restore(from bytes: [UInt8]) throws
+}
+
+/// How current a read must be.
+public enum Consistency: Sendable, Equatable {
+    /// Reflects every write acknowledged before the read began, on any node (ReadIndex: the
+    /// leader confirms it still leads with a round of heartbeats).
+    case linearizable
+    /// As `linearizable`, but the leader confirms its leadership by its lease instead of a round
+    /// trip. Correct as long as clocks tick at about the same rate (see docs/raft.md).
+    case lease
+    /// This node's state as it is: fast, possibly stale (it may miss recent writes), never
+    /// a write that was not committed.
+    case local
+}
+
+/// Errors a node's callers see.
+public enum NodeError: Error, Sendable, Equatable, CustomStringConvertible {
+    /// No leader is known; try again after an election.
+    case noLeader
+    /// The call must go to the leader (the one this node knows, if any).
+    case notLeader(NodeID?)
+    /// This node is not a member of the cluster (it was removed, or has not joined yet).
+    case notMember
+    /// The node is shutting down or stopped.
+    case shuttingDown
+    /// The node's storage failed (a failed fsync): it has stopped.
+    case storageFailed(String)
+    /// The request did not complete in time (the outcome of a write is then unknown).
+    case timedOut
+    /// A setting or an argument outside what is allowed.
+    case invalidArgument(String)
+    /// Raft refused the request (for example a membership change while another is under way).
+    case refused(String)
+
+    public var description: String {
+        switch self {
+        case .noLeader: "keel: no leader is known"
+        case .notLeader(let leader): "keel: this node is not the leader" + (leader.map { " (node \($0) is)" } ?? "")
+        case .notMember: "keel: this node is not a member of the cluster"
+        case .shuttingDown: "keel: the node is shutting down"
+        case .storageFailed(let reason): "keel: storage failed, the node has stopped: \(reason)"
+        case .timedOut: "keel: timed out; the outcome is unknown"
+        case .invalidArgument(let reason): "keel: invalid argument: \(reason)"
+        case .refused(let reason): "keel: refused: \(reason)"
+        }
+    }
+
+    init(_ error: RaftError) {
+        switch error {
+        case .noLeader: self = .noLeader
+        case .notLeader(let leader): self = .notLeader(leader)
+        case .notMember: self = .notMember
+        case .invalidConfiguration(let reason): self = .invalidArgument(reason)
+        default: self = .refused(error.description)
+        }
+    }
+}
+
+/// How to run a node.
+public struct NodeConfiguration: Sendable {
+    /// This node's id (not 0).
+    public var node: NodeID
+    /// Where its log and checkpoints live (created if missing).
+    public var dataDirectory: String
+    /// Where the members listen for peers, this node included. For a new cluster (`join` false)
+    /// these are its voters; a node that joins a running cluster lists the members it can reach.
+    public var members: [NodeID: PeerAddress]
+    /// Whether this node joins a running cluster (after a member called `addLearner` or
+    /// `addMember` for it) instead of founding one. A joining node learns the membership and the
+    /// state from the leader.
+    public var join = false
+    /// A secret every peer presents; connections without it are refused.
+    public var clusterToken: [UInt8]
+    /// Milliseconds per Raft tick (the election timeout is 10 to 20 ticks).
+    public var tickMilliseconds: Int64 = 50
+    /// Milliseconds a proposal, read or membership change may wait.
+    public var requestTimeoutMilliseconds: Int64 = 5000
+    /// Take a snapshot (a checkpoint, then log compaction) after this many applied entries.
+    public var snapshotInterval: UInt64 = 10_000
+    /// Promote a learner to voter once it is within `promotionLagEntries` of the leader's log.
+    public var autoPromoteLearners = true
+    public var promotionLagEntries: UInt64 = 100
+    /// The log's settings. The fsync policy is always `always` (Raft's votes and acknowledged
+    /// entries must survive a crash); other values are refused.
+    public var log = LogOptions()
+    public var raft: RaftConfiguration
+
+    /// A node of a new cluster whose voters are `members` (this node among them).
+    public init(node: NodeID, dataDirectory: String, members: [NodeID: PeerAddress], clusterToken: [UInt8]) {
+        self.node = node
+        self.dataDirectory = dataDirectory
+        self.members = members
+        self.clusterToken = clusterToken
+        raft = RaftConfiguration(id: node)
+    }
+
+    /// A single-node cluster that can add members later.
+    public init(node: NodeID, dataDirectory: String, listen: PeerAddress, clusterToken: [UInt8]) {
+        self.init(node: node, dataDirectory: dataDirectory, members: [node: listen], clusterToken: clusterToken)
+    }
+
+    /// Checks the settings.
+    public func validate() throws(NodeError) {
+        guard node.rawValue != 0 else { throw .invalidArgument("node id 0 is reserved") }
+        guard members[node] != nil else { throw .invalidArgument("members must include this node's own address (node \(node))") }
+        guard !members.keys.contains(NodeID(0)) else { throw .invalidArgument("node id 0 is reserved") }
+        guard raft.id == node else { throw .invalidArgument("raft.id (\(raft.id)) differs from node (\(node))") }
+        guard (1...60_000).contains(tickMilliseconds) else { throw .invalidArgument("tickMilliseconds must be in 1...60000") }
+        guard requestTimeoutMilliseconds > 0 else { throw .invalidArgument("requestTimeoutMilliseconds must be positive") }
+        guard snapshotInterval > 0 else { throw .invalidArgument("snapshotInterval must be positive") }
+        guard log.fsyncPolicy == .always else {
+            throw .invalidArgument("a node's log needs fsync `always` (a vote or an acknowledged entry must survive a crash)")
+        }
+        guard !clusterToken.isEmpty else { throw .invalidArgument("the cluster token must not be empty") }
+        do { try raft.validate() } catch { throw NodeError(error) }
+    }
+}
+
+/// A member as a node sees it.
+public struct MemberStatus: Sendable, Equatable {
+    public var id: NodeID
+    /// Where it listens for peers, if known.
+    public var address: PeerAddress?
+    public var isVoter: Bool
+    /// The highest log index known to be on it (reported by the leader only).
+    public var matchIndex: LogIndex?
+}
+
+/// A node's view of itself and its cluster.
+public struct NodeStatus: Sendable, Equatable {
+    public var id: NodeID
+    public var role: Role
+    public var term: Term
+    public var leader: NodeID?
+    public var commitIndex: LogIndex
+    public var appliedIndex: LogIndex
+    public var lastIndex: LogIndex
+    /// The index of the newest snapshot (checkpoint) the log is compacted to.
+    public var snapshotIndex: LogIndex
+    /// Voters and learners, in id order.
+    public var members: [MemberStatus]
+    /// Why the node stopped, if it did (a failed fsync).
+    public var stopped: String?
+}

@@ -1,0 +1,167 @@
+import Foundation
+import Keel
+import KeelCore
+import KeelRaft
+import KeelStorage
+import NIOCore
+import NIOPosix
+import Testing
+
+/// Polls `condition` every 20 ms for up to `seconds`; true once it held.
+func eventually(seconds: Double = 15, _ condition: () async throws -> Bool) async rethrows -> Bool {
+    let deadline = Date().addingTimeInterval(seconds)
+    while Date() < deadline {
+        if try await condition() { return true }
+        try? await Task.sleep(for: .milliseconds(20))
+    }
+    return try await condition()
+}
+
+/// Retries a proposal through the given nodes until one commits it.
+@discardableResult
+func commit(_ command: String, via nodes: [KeelNode<TestMachine>]) async throws -> [UInt8] {
+    for attempt in 0..<500 {
+        do {
+            return try await nodes[attempt % nodes.count].propose(Array(command.utf8))
+        } catch NodeError.noLeader, NodeError.timedOut, NodeError.notLeader {
+            try await Task.sleep(for: .milliseconds(20))
+        }
+    }
+    Issue.record("could not commit \(command)")
+    return []
+}
+
+@Suite("The node's public API: membership at run time, read consistency, checkpoints, errors", .serialized)
+struct NodeAPITests {
+    func address(_ port: Int) -> PeerAddress { PeerAddress(host: "127.0.0.1", port: port) }
+
+    func settings(_ id: UInt64, _ base: String, members: [NodeID: PeerAddress], join: Bool = false) -> NodeConfiguration {
+        var configuration = NodeConfiguration(node: NodeID(id), dataDirectory: base + "/node\(id)", members: members,
+                                              clusterToken: Array("token".utf8))
+        configuration.join = join
+        configuration.tickMilliseconds = 20
+        configuration.log = LogOptions(segmentSize: 1 << 20)
+        return configuration
+    }
+
+    @Test("a single node grows to three members at run time, then shrinks, and hands over leadership")
+    func growAndShrink() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+        let base = NSTemporaryDirectory() + "keel-grow-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        let ports = try await freePorts(3, group: group)
+        let first = TestMachine()
+        let one = try await KeelNode.start(
+            configuration: NodeConfiguration(node: NodeID(1), dataDirectory: base + "/node1", listen: address(ports[0]),
+                                             clusterToken: Array("token".utf8)).tuned(),
+            machine: first, group: group, logger: silentLogger)
+        for i in 0..<10 { try await commit("set k\(i) v\(i)", via: [one]) }
+        #expect(try await one.status().members.map(\.id) == [NodeID(1)])
+
+        // Node 2 joins as a learner and is promoted once it has caught up.
+        try await one.addLearner(NodeID(2), address: address(ports[1]))
+        let second = TestMachine()
+        let two = try await KeelNode.start(configuration: settings(2, base, members: [NodeID(2): address(ports[1]), NodeID(1): address(ports[0])], join: true),
+                                           machine: second, group: group, logger: silentLogger)
+        let promoted = try await eventually { try await one.status().members.first { $0.id == NodeID(2) }?.isVoter == true }
+        #expect(promoted, "the learner was promoted automatically")
+        #expect(try await two.read(consistency: .linearizable) { $0.values.count } == 10, "it caught up from a snapshot")
+
+        // Node 3 joins as a voter directly, and takes writes.
+        try await one.addMember(NodeID(3), address: address(ports[2]))
+        let third = TestMachine()
+        let three = try await KeelNode.start(configuration: settings(3, base, members: [NodeID(3): address(ports[2]), NodeID(1): address(ports[0])], join: true),
+                                             machine: third, group: group, logger: silentLogger)
+        try await commit("set via three", via: [three])
+        let status = try await one.status()
+        #expect(status.members.map(\.id) == [NodeID(1), NodeID(2), NodeID(3)])
+        #expect(status.members.allSatisfy { $0.isVoter && $0.address != nil })
+        #expect(status.members.allSatisfy { ($0.matchIndex ?? .zero) > .zero }, "the leader reports every member's match index")
+        #expect(try await two.read { $0.values["via"] } == "three", "a write through the new member is seen through another")
+
+        // Leadership moves to node 2; node 1 then removes node 3, which stops serving.
+        try await one.transferLeadership(to: NodeID(2))
+        #expect(try await two.status().role == .leader)
+        await #expect(throws: NodeError.notLeader(NodeID(2))) { try await one.removeMember(NodeID(3)) }
+        try await two.removeMember(NodeID(3))
+        let gone = await eventually {
+            do { _ = try await three.propose(Array("set late 1".utf8)); return false } catch { return (error as? NodeError) == .notMember }
+        }
+        #expect(gone, "a removed member answers notMember")
+        #expect(try await two.status().members.map(\.id) == [NodeID(1), NodeID(2)])
+        try await commit("set after removal", via: [one, two])
+
+        // A checkpoint on demand covers what was applied.
+        let applied = try await two.status().appliedIndex
+        let covered = try await two.checkpoint()
+        #expect(covered >= applied)
+        #expect(try await two.status().snapshotIndex == covered)
+
+        for node in [one, two, three] { await node.shutdown() }
+        #expect(first.values == second.values)
+        await #expect(throws: NodeError.shuttingDown) { try await one.propose(Array("set x y".utf8)) }
+        try await group.shutdownGracefully()
+    }
+
+    @Test("reads at each consistency: linearizable and lease through a follower see acknowledged writes; local is served at once")
+    func readConsistency() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+        let base = NSTemporaryDirectory() + "keel-reads-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        let ports = try await freePorts(3, group: group)
+        let members = Dictionary(uniqueKeysWithValues: (0..<3).map { (NodeID(UInt64($0 + 1)), address(ports[$0])) })
+        var nodes: [KeelNode<TestMachine>] = []
+        for id in 1...3 { nodes.append(try await KeelNode.start(configuration: settings(UInt64(id), base, members: members), machine: TestMachine(), group: group, logger: silentLogger)) }
+        for i in 0..<20 {
+            try await commit("set k\(i) v\(i)", via: nodes)
+            let follower = try await nodes.asyncFirst { try await $0.status().role == .follower } ?? nodes[0]
+            // Each read starts after the write was acknowledged: it must see it.
+            var seen: String?
+            for _ in 0..<100 {
+                do {
+                    seen = try await follower.read(consistency: i.isMultiple(of: 2) ? .linearizable : .lease) { $0.values["k\(i)"] }
+                    break
+                } catch NodeError.noLeader, NodeError.timedOut { try await Task.sleep(for: .milliseconds(20)) }
+            }
+            #expect(seen == "v\(i)")
+        }
+        let local = try await nodes[0].read(consistency: .local) { $0.values.count }
+        #expect(local <= 20)
+        #expect(try await eventually { try await nodes[0].read(consistency: .local) { $0.values.count } == 20 }, "local reads catch up")
+        for node in nodes { await node.shutdown() }
+        try await group.shutdownGracefully()
+    }
+
+    @Test("settings outside their range are refused with a clear error")
+    func invalidSettings() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let base = NSTemporaryDirectory() + "keel-settings-\(getpid())"
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        var configuration = settings(1, base, members: [NodeID(1): address(1)])
+        configuration.log.fsyncPolicy = .never
+        await #expect(throws: NodeError.self) { _ = try await KeelNode.start(configuration: configuration, machine: TestMachine(), group: group) }
+        configuration = settings(1, base, members: [NodeID(2): address(1)])
+        await #expect(throws: NodeError.invalidArgument("members must include this node's own address (node 1)")) {
+            _ = try await KeelNode.start(configuration: configuration, machine: TestMachine(), group: group)
+        }
+        configuration = settings(1, base, members: [NodeID(1): address(1)])
+        configuration.clusterToken = []
+        await #expect(throws: NodeError.self) { _ = try await KeelNode.start(configuration: configuration, machine: TestMachine(), group: group) }
+        configuration = settings(1, base, members: [NodeID(1): address(1)])
+        configuration.raft.checkQuorum = false
+        configuration.raft.readConsistency = .lease
+        await #expect(throws: NodeError.invalidArgument("lease reads need check-quorum")) {
+            _ = try await KeelNode.start(configuration: configuration, machine: TestMachine(), group: group)
+        }
+        try await group.shutdownGracefully()
+    }
+}
+
+extension NodeConfiguration {
+    func tuned() -> NodeConfiguration {
+        var copy = self
+        copy.tickMilliseconds = 20
+        copy.log = LogOptions(segmentSize: 1 << 20)
+        return copy
+    }
+}

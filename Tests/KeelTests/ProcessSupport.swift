@@ -1,0 +1,207 @@
+import Foundation
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+
+/// The directory with the built executables (beside the test bundle).
+func builtProducts() -> String {
+    if let override = ProcessInfo.processInfo.environment["KEEL_PRODUCTS_DIR"] { return override }
+    var url = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath()
+    while url.path != "/" {
+        url.deleteLastPathComponent()
+        if FileManager.default.isExecutableFile(atPath: url.appendingPathComponent("keel-node-harness").path) { return url.path }
+    }
+    return FileManager.default.currentDirectoryPath + "/.build/debug"
+}
+
+/// A `keel-node-harness` process: tagged request lines in, tagged reply lines out.
+final class NodeProcess: @unchecked Sendable {
+    // @unchecked Sendable: `state` is behind a lock; the rest is set once.
+    let id: UInt64
+    let arguments: [String]
+    private let process = Process()
+    private let input = Pipe()
+    private struct State {
+        var waiting: [String: CheckedContinuation<String, Never>] = [:]
+        var ready: CheckedContinuation<Void, Never>?
+        var isReady = false
+        var next = 0
+        var exited = false
+    }
+    private let state = NIOLockedValueBox(State())
+
+    init(id: UInt64, arguments: [String]) throws {
+        self.id = id
+        self.arguments = arguments
+        process.executableURL = URL(fileURLWithPath: builtProducts() + "/keel-node-harness")
+        process.arguments = arguments
+        process.standardInput = input
+        let output = Pipe()
+        process.standardOutput = output
+        process.standardError = FileHandle.nullDevice
+        let reader = output.fileHandleForReading
+        process.terminationHandler = { [state] _ in
+            let waiting = state.withLockedValue { state -> [CheckedContinuation<String, Never>] in
+                state.exited = true
+                defer { state.waiting = [:] }
+                return Array(state.waiting.values)
+            }
+            for continuation in waiting { continuation.resume(returning: "exited") }
+        }
+        try process.run()
+        Thread.detachNewThread { [state] in
+            var buffer = Data()
+            while true {
+                let chunk = reader.availableData
+                if chunk.isEmpty { break }
+                buffer.append(chunk)
+                while let newline = buffer.firstIndex(of: 10) {
+                    let line = String(decoding: buffer[buffer.startIndex..<newline], as: UTF8.self)
+                    buffer.removeSubrange(buffer.startIndex...newline)
+                    if line == "ready" {
+                        let continuation = state.withLockedValue { state -> CheckedContinuation<Void, Never>? in
+                            state.isReady = true
+                            defer { state.ready = nil }
+                            return state.ready
+                        }
+                        continuation?.resume()
+                        continue
+                    }
+                    let parts = line.split(separator: " ", maxSplits: 1)
+                    guard parts.count == 2 else { continue }
+                    let continuation = state.withLockedValue { $0.waiting.removeValue(forKey: String(parts[0])) }
+                    continuation?.resume(returning: String(parts[1]))
+                }
+            }
+        }
+    }
+
+    var pid: Int32 { process.processIdentifier }
+    var isRunning: Bool { process.isRunning }
+
+    /// Waits for the node's "ready" line.
+    func waitUntilReady() async {
+        await withCheckedContinuation { continuation in
+            let now = state.withLockedValue { state -> Bool in
+                if state.isReady { return true }
+                state.ready = continuation
+                return false
+            }
+            if now { continuation.resume() }
+        }
+    }
+
+    /// Sends a request and returns the reply (without its tag); "timeout" after `seconds`.
+    func request(_ text: String, seconds: Double = 10) async -> String {
+        let tag = state.withLockedValue { state -> String? in
+            if state.exited { return nil }
+            state.next += 1
+            return "r\(state.next)"
+        }
+        guard let tag else { return "exited" }
+        return await withCheckedContinuation { continuation in
+            state.withLockedValue { $0.waiting[tag] = continuation }
+            input.fileHandleForWriting.write(Data("\(tag) \(text)\n".utf8))
+            DispatchQueue.global().asyncAfter(deadline: .now() + seconds) { [state] in
+                state.withLockedValue { $0.waiting.removeValue(forKey: tag) }?.resume(returning: "timeout")
+            }
+        }
+    }
+
+    /// The status fields (role, term, leader, applied, commit, members).
+    func status() async -> [String: String]? {
+        let reply = await request("status", seconds: 3)
+        guard reply.hasPrefix("status ") else { return nil }
+        var fields: [String: String] = [:]
+        for pair in reply.dropFirst(7).split(separator: " ") {
+            let parts = pair.split(separator: "=", maxSplits: 1)
+            if parts.count == 2 { fields[String(parts[0])] = String(parts[1]) }
+        }
+        return fields
+    }
+
+    func signal(_ signal: Int32) { kill(process.processIdentifier, signal) }
+
+    /// SIGKILL, then waits for the exit.
+    func kill9() async {
+        signal(SIGKILL)
+        while process.isRunning { try? await Task.sleep(for: .milliseconds(10)) }
+    }
+
+    /// Closes its input (it shuts down cleanly) and waits, or kills it after 10 s.
+    func stop() async {
+        if process.isRunning { try? input.fileHandleForWriting.close() }
+        for _ in 0..<1000 where process.isRunning { try? await Task.sleep(for: .milliseconds(10)) }
+        if process.isRunning { await kill9() }
+    }
+}
+
+/// A TCP proxy a test can cut and restore: forwards every connection to `target`.
+final class CuttableProxy: @unchecked Sendable {
+    // @unchecked Sendable: `state` is behind a lock; the rest is set once.
+    let target: Int
+    private let group: any EventLoopGroup
+    private var server: (any Channel)?
+    private let state = NIOLockedValueBox((cut: false, channels: [any Channel]()))
+    private(set) var port = 0
+
+    init(target: Int, group: any EventLoopGroup) {
+        self.target = target
+        self.group = group
+    }
+
+    func start() async throws {
+        let server = try await ServerBootstrap(group: group)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(.autoRead, value: false)
+            .childChannelInitializer { inbound in
+                if self.state.withLockedValue({ $0.cut }) { return inbound.close() }
+                return ClientBootstrap(group: inbound.eventLoop)
+                    .connect(host: "127.0.0.1", port: self.target)
+                    .flatMap { outbound in
+                        self.state.withLockedValue { $0.channels += [inbound, outbound] }
+                        return inbound.pipeline.addHandler(Forwarder(peer: outbound)).flatMap {
+                            outbound.pipeline.addHandler(Forwarder(peer: inbound))
+                        }.map {
+                            inbound.read()
+                        }
+                    }
+            }
+            .bind(host: "127.0.0.1", port: 0).get()
+        self.server = server
+        port = server.localAddress!.port!
+    }
+
+    /// Closes every forwarded connection and refuses new ones until `restore()`.
+    func cut() {
+        let channels = state.withLockedValue { state -> [any Channel] in
+            state.cut = true
+            defer { state.channels = [] }
+            return state.channels
+        }
+        for channel in channels { channel.close(promise: nil) }
+    }
+
+    func restore() { state.withLockedValue { $0.cut = false } }
+
+    func stop() async {
+        cut()
+        try? await server?.close()
+    }
+
+    /// Copies bytes to the peer channel; closes it when this side closes.
+    private final class Forwarder: ChannelInboundHandler, @unchecked Sendable {
+        typealias InboundIn = ByteBuffer
+        let peer: any Channel
+        init(peer: any Channel) { self.peer = peer }
+
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            peer.writeAndFlush(unwrapInboundIn(data), promise: nil)
+        }
+
+        func channelReadComplete(context: ChannelHandlerContext) { context.read() }
+        func channelActive(context: ChannelHandlerContext) { context.read() }
+        func channelInactive(context: ChannelHandlerContext) { peer.close(promise: nil) }
+        func errorCaught(context: ChannelHandlerContext, error: any Error) { context.close(promise: nil) }
+    }
+}
