@@ -95,15 +95,18 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     ///   - configuration: the settings (checked with `NodeConfiguration.validate()`).
     ///   - machine: the state machine, empty; it is restored from the newest checkpoint.
     ///   - group: the event loops the node and its connections run on.
+    ///   - fileSystem: where the data directory lives (tests pass a `SimulatedFileSystem` to
+    ///     inject faults).
     /// - Throws: `NodeError.invalidArgument` for bad settings, `StorageError` when the data
     ///   directory cannot be recovered (it names the damage and the command that repairs it), or
     ///   a bind error when the peer port is taken.
     public static func start(configuration: NodeConfiguration, machine: Machine, group: any EventLoopGroup,
-                             logger: Logger = Logger(label: "keel.node")) async throws -> KeelNode {
+                             logger: Logger = Logger(label: "keel.node"),
+                             fileSystem: any FileSystem = POSIXFileSystem()) async throws -> KeelNode {
         try configuration.validate()
         let founding = Membership(voters: configuration.join ? [] : Array(configuration.members.keys))
         let (storage, state) = try DurableRaftStorage.open(path: configuration.dataDirectory, options: configuration.log,
-                                                           initialMembership: founding)
+                                                           initialMembership: founding, fileSystem: fileSystem)
         let raft: RaftNode
         var addresses = configuration.members
         do {

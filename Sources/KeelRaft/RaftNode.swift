@@ -549,6 +549,9 @@ public final class RaftNode {
 
     private func sendSnapshotChunk(to member: NodeID) {
         guard case .snapshot(var metadata, var offset, let inFlight) = progress[member]?.state, !inFlight else { return }
+        // A transfer that starts over (the follower lost it, or refused a file that did not
+        // verify) starts with the newest snapshot.
+        if offset == 0, log.storage.snapshot.index > metadata.index { metadata = log.storage.snapshot }
         let chunk: SnapshotChunk
         do {
             chunk = try log.storage.snapshotChunk(of: metadata, offset: offset, maxSize: configuration.snapshotChunkSizeMax)

@@ -165,3 +165,72 @@ extension NodeConfiguration {
         return copy
     }
 }
+
+extension NodeAPITests {
+    @Test("a node whose fsync fails stops taking part and says why")
+    func fsyncFailureStops() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let ports = try await freePorts(1, group: group)
+        let fileSystem = SimulatedFileSystem(seed: 7)
+        let node = try await KeelNode.start(configuration: settings(1, "/keel", members: [NodeID(1): address(ports[0])]),
+                                            machine: TestMachine(), group: group, logger: silentLogger, fileSystem: fileSystem)
+        try await commit("set a 1", via: [node])
+        fileSystem.failNextSyncs(1)
+        await #expect(throws: NodeError.self) { _ = try await node.propose(Array("set b 2".utf8)) }
+        let status = try await node.status()
+        #expect(status.stopped?.contains("fsync") == true || status.stopped?.contains("sync") == true, "it says why: \(status.stopped ?? "nothing")")
+        do {
+            _ = try await node.propose(Array("set c 3".utf8))
+            Issue.record("a stopped node took a proposal")
+        } catch let error as NodeError {
+            guard case .storageFailed = error else { Issue.record("expected storageFailed, got \(error)"); return }
+        }
+        await #expect(throws: NodeError.self) { _ = try await node.read { $0.values.count } }
+        await node.shutdown()
+        try await group.shutdownGracefully()
+    }
+
+    @Test("a received snapshot that does not verify is dropped and fetched again; the node does not stop")
+    func corruptSnapshotRetried() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+        let base = NSTemporaryDirectory() + "keel-bad-snapshot-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        let ports = try await freePorts(3, group: group)
+        let members = Dictionary(uniqueKeysWithValues: (0..<3).map { (NodeID(UInt64($0 + 1)), address(ports[$0])) })
+        var nodes: [KeelNode<TestMachine>] = []
+        for id in 1...3 { nodes.append(try await KeelNode.start(configuration: settings(UInt64(id), base, members: members), machine: TestMachine(), group: group, logger: silentLogger)) }
+        try await commit("set first 1", via: nodes)
+        let leader = try #require(await nodes.asyncFirst { try await $0.status().role == .leader })
+        let laggard = try #require(await nodes.asyncFirst { try await $0.status().role != .leader })
+        let laggardID = try await laggard.status().id
+        await laggard.shutdown()
+        for i in 0..<20 { try await commit("set k\(i) v\(i)", via: [leader]) }
+        let checkpoint = try await leader.checkpoint()
+        // Damage the leader's checkpoint file: every transfer of it fails verification.
+        let leaderID = try await leader.status().id
+        let directory = "\(base)/node\(leaderID.rawValue)/checkpoints"
+        let files = try FileManager.default.contentsOfDirectory(atPath: directory).filter { $0.hasSuffix(".ckpt") }
+        #expect(files.count == 1 && checkpoint > .zero)
+        let file = try #require(files.first)
+        let handle = try #require(FileHandle(forUpdatingAtPath: "\(directory)/\(file)"))
+        try handle.seek(toOffset: 40)
+        let byte = try #require(try handle.read(upToCount: 1)?.first)
+        try handle.seek(toOffset: 40)
+        handle.write(Data([byte ^ 0xff]))
+        try handle.close()
+        try FileManager.default.removeItem(atPath: "\(base)/node\(laggardID.rawValue)")
+        let restarted = try await KeelNode.start(configuration: settings(laggardID.rawValue, base, members: members), machine: TestMachine(),
+                                                 group: group, logger: silentLogger)
+        try await Task.sleep(for: .milliseconds(500))
+        #expect(try await restarted.status().stopped == nil, "a bad transfer does not stop the node")
+        #expect(try await restarted.read(consistency: .local) { $0.values.count } == 0, "nothing from the damaged snapshot was installed")
+        // A new checkpoint on the leader is sent instead, and installs.
+        try await commit("set second 2", via: [leader])
+        _ = try await leader.checkpoint()
+        let caughtUp = try await eventually { try await restarted.read(consistency: .local) { $0.values.count } == 22 }
+        #expect(caughtUp, "the node caught up from the next, intact, snapshot")
+        for node in nodes where node !== laggard { await node.shutdown() }
+        await restarted.shutdown()
+        try await group.shutdownGracefully()
+    }
+}
