@@ -8,8 +8,10 @@
 //   exactly as it is on the leader's disk, so its checksums travel with it; the follower writes the
 //   chunks to a temporary file and installs it only once the whole file verifies.
 //
-// Thread safety: reads (the RaftStorage calls) may come from the node's loop while writes
-// (persist, receive, install, createSnapshot) run on the node's storage queue, one at a time. The
+// Thread safety: reads (the RaftStorage calls) may come from the node's loop while writes run
+// elsewhere: `persist` only queues to the log's writer thread (the node calls it from its loop,
+// one Ready at a time); `receive`, `install` and `createSnapshot` run on the node's storage queue,
+// one at a time, and never while a `persist` of the same Ready is outstanding. The
 // hard state and snapshot are behind a lock, the log and the checkpoint store are thread-safe.
 
 import Dispatch

@@ -13,6 +13,9 @@
 //   4. advance.
 // A timer ticks the core. A failed fsync stops the node: it stops taking part and says why.
 //
+// Storage: a Ready of entries and hard state is queued straight to the log's writer thread (the
+// call does not block); snapshot chunks, installs and checkpoints run on the storage queue.
+//
 // Snapshots: after `snapshotInterval` applied entries (or on `checkpoint()`), the state machine's
 // O(1) snapshot is taken on the loop and written as a checkpoint on the storage queue, and the log
 // is compacted; a follower that needs compacted entries receives the checkpoint file in chunks,
@@ -69,6 +72,8 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     /// restart at 1 after a restart).
     private let run = UInt64.random(in: 1...UInt64.max)
     private var writes: [UInt64: EventLoopPromise<[UInt8]>] = [:]
+    /// Proposals not yet handed to Raft (see `startProposal`).
+    private var proposalBuffer: [(data: [UInt8], request: UInt64)] = []
     private var changes: [UInt64: EventLoopPromise<Void>] = [:]
     /// Reads by request id, from the call until they are served or time out.
     private var reads: [UInt64: EventLoopPromise<LogIndex>] = [:]
@@ -293,14 +298,24 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         if let error = refusal() { return promise.fail(error) }
         let request = nextRequest
         nextRequest += 1
-        do { try raft.propose(CommandRecord.encode(tag(request), command: command)) } catch {
-            return promise.fail(NodeError(error))
-        }
         writes[request] = promise
+        proposalBuffer.append((CommandRecord.encode(tag(request), command: command), request))
         loop.scheduleTask(in: .milliseconds(configuration.requestTimeoutMilliseconds)) {
             self.writes.removeValue(forKey: request)?.fail(NodeError.timedOut)
         }
-        process()
+        // Proposals that arrive while a write is in flight wait here and go to Raft together, as
+        // one batch (one AppendEntries per follower) when the next Ready is taken.
+        if !persisting { process() }
+    }
+
+    /// Hands the buffered proposals to Raft as one batch.
+    private func flushProposals() {
+        guard !proposalBuffer.isEmpty else { return }
+        let batch = proposalBuffer
+        proposalBuffer = []
+        do { try raft.propose(batch: batch.map(\.data)) } catch {
+            for (_, request) in batch { writes.removeValue(forKey: request)?.fail(NodeError(error)) }
+        }
     }
 
     private func startRead(_ promise: EventLoopPromise<LogIndex>, lease: Bool) {
@@ -420,7 +435,9 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
 
     /// Takes the next Ready unless one is being persisted.
     private func process() {
-        guard !persisting, stopped == nil, !closing, raft.hasReady else { return }
+        guard !persisting, stopped == nil, !closing else { return }
+        flushProposals()
+        guard raft.hasReady else { return }
         let ready = raft.ready()
         if let soft = ready.softState { noteSoftState(soft) }
         learnAddresses(from: ready.entries)
@@ -433,6 +450,21 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         if !early.isEmpty { transport.send(early) }
         persisting = true
         let storage = self.storage
+        // A hard state that only moves the commit index needs no fsync of its own (as etcd's
+        // MustSync): a node that restarts with an older commit index learns it again from the
+        // leader, and its state machine is rebuilt from what it held. It is written with the next
+        // entries.
+        let commitOnly = ready.entries.isEmpty && ready.snapshot == nil
+            && ready.hardState.map { $0.term == persistedHardState.term && $0.votedFor == persistedHardState.votedFor } == true
+        let hardState = commitOnly ? nil : ready.hardState
+        if ready.incomingSnapshotChunks.isEmpty && ready.snapshot == nil {
+            // Entries and hard state only: hand them straight to the log's writer thread (the
+            // call only queues them).
+            storage.persist(entries: ready.entries, hardState: hardState) { result in
+                self.loop.execute { self.persisted(ready, late: late, result, installed: nil) }
+            }
+            return
+        }
         storageQueue.async {
             // 1. Persist: snapshot chunks, then the installed snapshot, then entries and hard state.
             let installed: [UInt8]?
@@ -443,7 +475,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
                 self.loop.execute { self.persisted(ready, late: late, .failure(error), installed: nil) }
                 return
             }
-            storage.persist(entries: ready.entries, hardState: ready.hardState) { result in
+            storage.persist(entries: ready.entries, hardState: hardState) { result in
                 self.loop.execute { self.persisted(ready, late: late, result, installed: installed) }
             }
         }
@@ -637,6 +669,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     private func failAll(_ error: NodeError) {
         for (_, promise) in writes { promise.fail(error) }
         writes = [:]
+        proposalBuffer = []
         for (_, promise) in changes { promise.fail(error) }
         changes = [:]
         for (_, promise) in reads { promise.fail(error) }

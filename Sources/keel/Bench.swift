@@ -11,8 +11,8 @@ import Logging
 
 struct Bench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Benchmarks of the storage engine (build with -c release).",
-        subcommands: [AppendBench.self, RecoveryBench.self, CheckpointBench.self, RaftBench.self])
+        abstract: "Benchmarks of the storage engine, the Raft core and the node (build with -c release).",
+        subcommands: [AppendBench.self, RecoveryBench.self, CheckpointBench.self, RaftBench.self, NodeBench.self, FailoverBench.self])
 }
 
 /// Refuses a benchmark option outside its range with a clear message.
