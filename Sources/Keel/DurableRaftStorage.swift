@@ -31,7 +31,13 @@ public final class DurableRaftStorage: RaftStorage, @unchecked Sendable {
     let fileSystem: any FileSystem
     /// The persisted hard state and the newest snapshot, behind a lock: the node's loop reads them
     /// while its storage queue takes snapshots.
-    private let guarded: NIOLockedValueBox<(hardState: HardState, snapshot: SnapshotMetadata)>
+    private let guarded: NIOLockedValueBox<(hardState: HardState, snapshot: SnapshotMetadata, damaged: SnapshotMetadata?)>
+    /// The snapshot whose file was last checked whole before a transfer.
+    private let verifiedSnapshot = NIOLockedValueBox<SnapshotMetadata?>(nil)
+
+    /// The newest snapshot, if its file failed verification when a transfer was to start; nil
+    /// again once a newer checkpoint is written.
+    public var damagedSnapshot: SnapshotMetadata? { guarded.withLockedValue { $0.damaged } }
 
     /// The persisted hard state.
     public private(set) var hardState: HardState {
@@ -95,7 +101,7 @@ public final class DurableRaftStorage: RaftStorage, @unchecked Sendable {
         self.log = log
         self.checkpoints = checkpoints
         self.fileSystem = fileSystem
-        guarded = NIOLockedValueBox((hardState, snapshot))
+        guarded = NIOLockedValueBox((hardState, snapshot, nil))
     }
 
     /// Closes the log and releases the directory.
@@ -206,6 +212,19 @@ public final class DurableRaftStorage: RaftStorage, @unchecked Sendable {
 
     public func snapshotChunk(of snapshot: SnapshotMetadata, offset: Int, maxSize: Int) throws(RaftStorageError) -> SnapshotChunk {
         let path = directory.checkpointsPath + "/" + CheckpointFormat.fileName(index: snapshot.index, term: snapshot.term)
+        if offset == 0, verifiedSnapshot.withLockedValue({ $0 }) != snapshot {
+            // Before a transfer starts, check the whole file once (bit rot since it was written
+            // would otherwise be sent, and refused by every follower forever). A damaged one is
+            // reported through `damagedSnapshot`, so the node writes a fresh checkpoint.
+            let bytes: [UInt8]
+            do { bytes = try fileSystem.readFile(path) } catch { throw .snapshotOutOfDate }
+            guard case .success(let (header, _)) = CheckpointFormat.verify(bytes, limits: log.options.limits),
+                  header.index == snapshot.index, header.term == snapshot.term else {
+                guarded.withLockedValue { $0.damaged = snapshot }
+                throw .snapshotOutOfDate
+            }
+            verifiedSnapshot.withLockedValue { $0 = snapshot }
+        }
         do {
             let handle = try fileSystem.open(path, options: [.readOnly])
             defer { fileSystem.close(handle) }
@@ -331,7 +350,11 @@ public final class DurableRaftStorage: RaftStorage, @unchecked Sendable {
                                wallTimeMilliseconds: Int64) throws(StorageError) {
         let body = SnapshotBody(membership: Self.encodeMembership(membership), state: state)
         _ = try checkpoints.write(body, metadata: CheckpointMetadata(index: index, term: term, wallTimeMilliseconds: wallTimeMilliseconds))
-        snapshot = SnapshotMetadata(index: index, term: term, membership: membership)
+        guarded.withLockedValue {
+            $0.snapshot = SnapshotMetadata(index: index, term: term, membership: membership)
+            $0.damaged = nil
+        }
+        verifiedSnapshot.withLockedValue { $0 = nil }
         let kept = try checkpoints.prune(keep: 2)
         if kept.count == 2 { try log.removeSegments(through: kept[1].index) }
     }

@@ -92,6 +92,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     /// Storage work that may block (snapshot files, install): never on the loop.
     let storageQueue = DispatchQueue(label: "keel.node.storage")
     private var snapshotting = false
+    private var rejectedSnapshots = 0
 
     /// Starts a node: recovers its state from its data directory (newest checkpoint, then the
     /// log), listens for peers, and starts ticking. A single-member cluster elects itself at once.
@@ -109,12 +110,16 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
                              logger: Logger = Logger(label: "keel.node"),
                              fileSystem: any FileSystem = POSIXFileSystem()) async throws -> KeelNode {
         try configuration.validate()
-        let founding = Membership(voters: configuration.join ? [] : Array(configuration.members.keys))
+        // The membership lives in the log and in snapshots only (never recomputed from `members`
+        // after the founding): a new cluster's founding voters are its first log entries.
         let (storage, state) = try DurableRaftStorage.open(path: configuration.dataDirectory, options: configuration.log,
-                                                           initialMembership: founding, fileSystem: fileSystem)
+                                                           initialMembership: Membership(voters: []), fileSystem: fileSystem)
         let raft: RaftNode
         var addresses = configuration.members
         do {
+            if !configuration.join, storage.snapshot.index == .zero, storage.hardState.term == .zero {
+                try await found(storage, voters: configuration.members.keys.sorted())
+            }
             if let state {
                 let (known, machineState) = try NodeSnapshotDecoding.decode(state)
                 // The configured addresses win over the snapshot's (an operator may have moved a member).
@@ -152,6 +157,18 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         return node
     }
 
+    /// Writes a new cluster's founding: one "add voter" entry per founding member (index 1...n,
+    /// term 1, in id order, so every founder writes the same bytes) and a hard state that commits
+    /// them. Written again if a crash cut it short: a node whose hard state is still at term 0
+    /// has voted for no one and acknowledged nothing.
+    private static func found(_ storage: DurableRaftStorage, voters: [NodeID]) async throws {
+        let entries = voters.enumerated().map { position, voter in
+            Entry(index: LogIndex(UInt64(position + 1)), term: Term(1), kind: .configurationChange,
+                  data: ConfigurationChange(.addVoter, voter).encoded)
+        }
+        try await storage.persist(entries: entries, hardState: HardState(term: Term(1), votedFor: nil, commit: LogIndex(UInt64(voters.count))))
+    }
+
     init(configuration: NodeConfiguration, loop: any EventLoop, raft: RaftNode, storage: DurableRaftStorage,
          machine: Machine, addresses: [NodeID: PeerAddress], logger: Logger) {
         self.configuration = configuration
@@ -165,6 +182,9 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         appliedMembership = storage.snapshot.membership
         persistedHardState = storage.hardState
         wasMember = raft.status.membership.contains(configuration.node)
+        // A node that was removed before it restarted (a joiner is not a member until its
+        // addition is applied, so it is not judged before that).
+        removed = !configuration.join && !wasMember
     }
 
     // MARK: - Calls
@@ -209,7 +229,10 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         let promise = loop.makePromise(of: LogIndex.self)
         loop.execute {
             if let error = self.refusal() { return promise.fail(error) }
-            if self.appliedIndex == self.storage.snapshot.index, !self.snapshotting { return promise.succeed(self.appliedIndex) }
+            if self.appliedIndex == .zero { return promise.fail(NodeError.refused("nothing is applied yet (a joining node waits for its first snapshot)")) }
+            if self.appliedIndex == self.storage.snapshot.index, !self.snapshotting, self.storage.damagedSnapshot == nil {
+                return promise.succeed(self.appliedIndex)
+            }
             self.checkpointWaiters.append(promise)
             self.maybeSnapshot()
         }
@@ -322,7 +345,10 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         if let error = refusal() { return promise.fail(error) }
         let request = nextRequest
         nextRequest += 1
-        var context = ByteWriter(capacity: 8)
+        // The context carries this run's id too: a reply meant for an earlier run of this node
+        // (queued while it was down) must not answer a new read with the same request id.
+        var context = ByteWriter(capacity: 16)
+        context.write(run)
         context.write(request)
         do { try raft.readIndex(context: context.bytes, consistency: lease ? .lease : .readIndex) } catch {
             return promise.fail(NodeError(error))
@@ -348,19 +374,12 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         if let address, address.host.isEmpty || address.host.utf8.count > 255 || !(1...65535).contains(address.port) {
             return promise.fail(NodeError.invalidArgument("\(address) is not a peer address"))
         }
-        if kind == .addVoter || kind == .addLearner, storage.snapshot.index == .zero {
-            // A new member learns the membership from a snapshot (the founding voters are in no log
-            // entry): make sure there is one before it asks for the log from the start.
-            let ready = loop.makePromise(of: LogIndex.self)
-            checkpointWaiters.append(ready)
-            maybeSnapshot()
-            ready.futureResult.whenComplete { result in
-                switch result {
-                case .success: self.startChange(kind, id, address: address, deadline: deadline, promise)
-                case .failure(let error): promise.fail(error)
-                }
-            }
-            return
+        let membership = raft.status.membership
+        if kind == .addVoter || kind == .addLearner, membership.contains(id) {
+            return promise.fail(NodeError.invalidArgument("node \(id) is already a member (remove it first to change its address)"))
+        }
+        if kind == .remove || kind == .promoteLearner, !membership.contains(id) {
+            return promise.fail(NodeError.invalidArgument("node \(id) is not a member"))
         }
         let request = nextRequest
         nextRequest += 1
@@ -377,7 +396,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
             return promise.fail(NodeError(error))
         }
         changes[request] = promise
-        loop.scheduleTask(in: .milliseconds(configuration.requestTimeoutMilliseconds)) {
+        loop.scheduleTask(deadline: deadline) {
             self.changes.removeValue(forKey: request)?.fail(NodeError.timedOut)
         }
         process()
@@ -398,7 +417,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         }
         return NodeStatus(id: configuration.node, role: raftStatus.role, term: raftStatus.term, leader: raftStatus.leader,
                           commitIndex: raftStatus.commitIndex, appliedIndex: appliedIndex, lastIndex: raftStatus.lastIndex,
-                          snapshotIndex: storage.snapshot.index, members: members, stopped: stopped)
+                          snapshotIndex: storage.snapshot.index, members: members, stopped: stopped, rejectedSnapshots: rejectedSnapshots)
     }
 
     private func tick() {
@@ -406,6 +425,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         ticks += 1
         raft.tick()
         maybePromoteLearner()
+        if storage.damagedSnapshot != nil { maybeSnapshot() }
         process()
     }
 
@@ -417,7 +437,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         let status = raft.status
         for learner in status.membership.learners {
             guard let match = status.matchIndex[learner], match > .zero,
-                  match.rawValue + configuration.promotionLagEntries >= status.lastIndex.rawValue else { continue }
+                  status.lastIndex.rawValue - min(match.rawValue, status.lastIndex.rawValue) <= configuration.promotionLagEntries else { continue }
             let change = ConfigurationChange(.promoteLearner, learner, context: ChangeContext.encode(tag(0), address: nil))
             // One change at a time: a refusal (another change under way) is tried again next tick.
             guard (try? raft.proposeConfigurationChange(change)) != nil else { return }
@@ -515,7 +535,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
             do {
                 let (known, machineState) = try NodeSnapshotDecoding.decode(installed)
                 try machine.restore(from: machineState)
-                addresses = known.merging(addresses.filter { $0.key == configuration.node }) { _, own in own }
+                addresses = known.merging(configuration.members) { _, configured in configured }
                 transport.updatePeers(addresses.filter { $0.key != configuration.node })
                 appliedIndex = snapshot.index
                 appliedMembership = snapshot.membership
@@ -529,7 +549,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         for entry in ready.committedEntries { apply(entry) }
         for state in ready.readStates {
             var reader = ByteReader(state.context)
-            guard let request = try? reader.readUInt64(), reads[request] != nil else { continue }
+            guard (try? reader.readUInt64()) == run, let request = try? reader.readUInt64(), reads[request] != nil else { continue }
             readsAwaitingApply.append((state.index, request))
         }
         raft.advance(ready)
@@ -549,6 +569,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     /// was not yet persisted (and the messages not yet sent) is gone, and their callers time out.
     private func restartCore(because reason: String) {
         logger.warning("node \(configuration.node): \(reason); restarting Raft from the durable state")
+        rejectedSnapshots += 1
         do {
             raft = try RaftNode(configuration: configuration.raft, storage: storage, randomSeed: UInt64.random(in: 1...UInt64.max),
                                 applied: appliedIndex)
@@ -557,7 +578,6 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         }
         role = .follower
         leader = nil
-        readsAwaitingApply = []
         process()
     }
 
@@ -577,9 +597,13 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     /// for: the state machine's snapshot is taken on the loop, written on the storage queue.
     private func maybeSnapshot() {
         guard !snapshotting, !closing, stopped == nil else { return }
-        let due = appliedIndex.rawValue >= storage.snapshot.index.rawValue + configuration.snapshotInterval
-        guard due || !checkpointWaiters.isEmpty else { return }
-        guard appliedIndex > storage.snapshot.index, let term = raft.term(at: appliedIndex) else {
+        let due = appliedIndex.rawValue - storage.snapshot.index.rawValue >= configuration.snapshotInterval
+        // Our newest checkpoint failed verification when a follower was to receive it: write a
+        // fresh one (at the same index if nothing was applied since) instead of sending bad bytes.
+        let damaged = storage.damagedSnapshot != nil
+        guard due || damaged || !checkpointWaiters.isEmpty else { return }
+        guard appliedIndex > storage.snapshot.index || (damaged && appliedIndex == storage.snapshot.index && appliedIndex > .zero),
+              let term = raft.term(at: appliedIndex) else {
             // Nothing new since the last checkpoint, or (at index 0) nothing applied yet: the
             // waiters are answered by the next one.
             if appliedIndex == storage.snapshot.index, appliedIndex > .zero {
@@ -624,8 +648,13 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
             appliedMembership = appliedMembership.applying(change)
             let decoded = ChangeContext.decode(change.context)
             if change.kind == .remove, change.node != configuration.node {
+                // Close the link a little later, so the leader's last append (which tells the
+                // removed node it was removed) can still leave.
                 addresses[change.node] = nil
-                transport.updatePeers(addresses.filter { $0.key != configuration.node })
+                loop.scheduleTask(in: .milliseconds(10 * configuration.tickMilliseconds)) {
+                    guard self.addresses[change.node] == nil else { return }
+                    self.transport.updatePeers(self.addresses.filter { $0.key != self.configuration.node })
+                }
             } else if let address = decoded?.1, addresses[change.node] != address {
                 addresses[change.node] = address
                 transport.updatePeers(addresses.filter { $0.key != configuration.node })

@@ -131,7 +131,8 @@ public struct NodeConfiguration: Sendable {
         guard raft.id == node else { throw .invalidArgument("raft.id (\(raft.id)) differs from node (\(node))") }
         guard (1...60_000).contains(tickMilliseconds) else { throw .invalidArgument("tickMilliseconds must be in 1...60000") }
         guard requestTimeoutMilliseconds > 0 else { throw .invalidArgument("requestTimeoutMilliseconds must be positive") }
-        guard snapshotInterval > 0 else { throw .invalidArgument("snapshotInterval must be positive") }
+        guard (1...(UInt64(1) << 62)).contains(snapshotInterval) else { throw .invalidArgument("snapshotInterval must be in 1...2^62") }
+        guard promotionLagEntries <= UInt64(1) << 62 else { throw .invalidArgument("promotionLagEntries must be at most 2^62") }
         guard log.fsyncPolicy == .always else {
             throw .invalidArgument("a node's log needs fsync `always` (a vote or an acknowledged entry must survive a crash)")
         }
@@ -165,4 +166,7 @@ public struct NodeStatus: Sendable, Equatable {
     public var members: [MemberStatus]
     /// Why the node stopped, if it did (a failed fsync).
     public var stopped: String?
+    /// Received snapshots this node refused because they did not verify (each time, its Raft
+    /// core restarted from what is durable and the transfer began again).
+    public var rejectedSnapshots: Int
 }

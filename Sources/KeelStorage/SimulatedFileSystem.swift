@@ -111,6 +111,11 @@ public final class SimulatedFileSystem: FileSystem {
         state.withLock { $0.flipBitsOnRead.append((path, offset)) }
     }
 
+    /// Stops the flips `flipBitOnRead` asked for.
+    public func clearReadFlips() {
+        state.withLock { $0.flipBitsOnRead = [] }
+    }
+
     /// Flips a random bit in each read with this probability.
     public func setRandomReadFlipProbability(_ probability: Double) {
         state.withLock { $0.randomReadFlipProbability = probability }

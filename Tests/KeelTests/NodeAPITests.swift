@@ -65,7 +65,7 @@ struct NodeAPITests {
                                            machine: second, group: group, logger: silentLogger)
         let promoted = try await eventually { try await one.status().members.first { $0.id == NodeID(2) }?.isVoter == true }
         #expect(promoted, "the learner was promoted automatically")
-        #expect(try await two.read(consistency: .linearizable) { $0.values.count } == 10, "it caught up from a snapshot")
+        #expect(try await two.read(consistency: .linearizable) { $0.values.count } == 10, "it caught up from the log, founding entry included")
 
         // Node 3 joins as a voter directly, and takes writes.
         try await one.addMember(NodeID(3), address: address(ports[2]))
@@ -167,6 +167,25 @@ extension NodeConfiguration {
 }
 
 extension NodeAPITests {
+    @Test("the founding membership is in the log: a restart with other members configured does not change it")
+    func foundingMembershipPersists() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let base = NSTemporaryDirectory() + "keel-founding-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        let ports = try await freePorts(3, group: group)
+        var node = try await KeelNode.start(configuration: settings(1, base, members: [NodeID(1): address(ports[0])]), machine: TestMachine(),
+                                            group: group, logger: silentLogger)
+        try await commit("set a 1", via: [node])
+        await node.shutdown()
+        let more = [NodeID(1): address(ports[0]), NodeID(2): address(ports[1]), NodeID(3): address(ports[2])]
+        node = try await KeelNode.start(configuration: settings(1, base, members: more), machine: TestMachine(), group: group, logger: silentLogger)
+        #expect(try await node.status().members.map(\.id) == [NodeID(1)], "still the one founding voter")
+        try await commit("set b 2", via: [node])
+        #expect(try await node.read { $0.values.count } == 2, "and it still commits alone")
+        await node.shutdown()
+        try await group.shutdownGracefully()
+    }
+
     @Test("a node whose fsync fails stops taking part and says why")
     func fsyncFailureStops() async throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
@@ -190,10 +209,10 @@ extension NodeAPITests {
         try await group.shutdownGracefully()
     }
 
-    @Test("a received snapshot that does not verify is dropped and fetched again; the node does not stop")
-    func corruptSnapshotRetried() async throws {
+    @Test("a leader whose checkpoint rotted on disk writes a fresh one instead of sending it; the follower catches up")
+    func damagedLeaderCheckpoint() async throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
-        let base = NSTemporaryDirectory() + "keel-bad-snapshot-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        let base = NSTemporaryDirectory() + "keel-bad-checkpoint-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         defer { try? FileManager.default.removeItem(atPath: base) }
         let ports = try await freePorts(3, group: group)
         let members = Dictionary(uniqueKeysWithValues: (0..<3).map { (NodeID(UInt64($0 + 1)), address(ports[$0])) })
@@ -206,9 +225,8 @@ extension NodeAPITests {
         await laggard.shutdown()
         for i in 0..<20 { try await commit("set k\(i) v\(i)", via: [leader]) }
         let checkpoint = try await leader.checkpoint()
-        // Damage the leader's checkpoint file: every transfer of it fails verification.
-        let leaderID = try await leader.status().id
-        let directory = "\(base)/node\(leaderID.rawValue)/checkpoints"
+        // Damage the leader's only checkpoint file on disk.
+        let directory = "\(base)/node\(try await leader.status().id.rawValue)/checkpoints"
         let files = try FileManager.default.contentsOfDirectory(atPath: directory).filter { $0.hasSuffix(".ckpt") }
         #expect(files.count == 1 && checkpoint > .zero)
         let file = try #require(files.first)
@@ -221,16 +239,39 @@ extension NodeAPITests {
         try FileManager.default.removeItem(atPath: "\(base)/node\(laggardID.rawValue)")
         let restarted = try await KeelNode.start(configuration: settings(laggardID.rawValue, base, members: members), machine: TestMachine(),
                                                  group: group, logger: silentLogger)
-        try await Task.sleep(for: .milliseconds(500))
-        #expect(try await restarted.status().stopped == nil, "a bad transfer does not stop the node")
-        #expect(try await restarted.read(consistency: .local) { $0.values.count } == 0, "nothing from the damaged snapshot was installed")
-        // A new checkpoint on the leader is sent instead, and installs.
-        try await commit("set second 2", via: [leader])
-        _ = try await leader.checkpoint()
-        let caughtUp = try await eventually { try await restarted.read(consistency: .local) { $0.values.count } == 22 }
-        #expect(caughtUp, "the node caught up from the next, intact, snapshot")
+        let caughtUp = try await eventually { try await restarted.read(consistency: .local) { $0.values.count } == 21 }
+        #expect(caughtUp, "the node caught up from the leader's fresh checkpoint")
+        #expect(try await restarted.status().rejectedSnapshots == 0, "no damaged bytes were sent")
         for node in nodes where node !== laggard { await node.shutdown() }
         await restarted.shutdown()
+        try await group.shutdownGracefully()
+    }
+
+    @Test("a received snapshot that does not verify is refused, the core restarts, the transfer begins again; the node does not stop")
+    func receivedSnapshotRefused() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+        let base = NSTemporaryDirectory() + "keel-refused-snapshot-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        let ports = try await freePorts(3, group: group)
+        let members = Dictionary(uniqueKeysWithValues: (0..<3).map { (NodeID(UInt64($0 + 1)), address(ports[$0])) })
+        var nodes: [KeelNode<TestMachine>] = []
+        for id in 1...2 { nodes.append(try await KeelNode.start(configuration: settings(UInt64(id), base, members: members), machine: TestMachine(), group: group, logger: silentLogger)) }
+        for i in 0..<20 { try await commit("set k\(i) v\(i)", via: nodes) }
+        let leader = try #require(await nodes.asyncFirst { try await $0.status().role == .leader })
+        _ = try await leader.checkpoint()
+        // Node 3 starts empty on a disk that flips a bit whenever the received file is read back.
+        let disk = SimulatedFileSystem(seed: 3)
+        disk.flipBitOnRead(path: "/node3/checkpoints/incoming.ckpt.tmp", offset: 40)
+        let third = try await KeelNode.start(configuration: settings(3, "", members: members), machine: TestMachine(), group: group,
+                                             logger: silentLogger, fileSystem: disk)
+        let refused = try await eventually { try await third.status().rejectedSnapshots >= 2 }
+        #expect(refused, "the damaged transfer was refused, and refused again when it was sent again")
+        #expect(try await third.status().stopped == nil)
+        #expect(try await third.read(consistency: .local) { $0.values.count } == 0, "nothing from it was installed")
+        disk.clearReadFlips()
+        let caughtUp = try await eventually { try await third.read(consistency: .local) { $0.values.count } == 20 }
+        #expect(caughtUp, "the next transfer verified and installed")
+        for node in nodes + [third] { await node.shutdown() }
         try await group.shutdownGracefully()
     }
 }
