@@ -507,8 +507,14 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     }
 
     private func noteSoftState(_ soft: SoftState) {
+        let previous = leader
         role = soft.role
         leader = soft.leader
+        if let previous, soft.leader != previous {
+            // What waits on the old leader may never be answered (a forwarded proposal or read
+            // lost with it): answer now rather than at the timeout, so callers retry at once.
+            failWaiting(NodeError.leaderChanged)
+        }
         if let transfer, soft.leader == transfer.target {
             self.transfer = nil
             transfer.promise.succeed(())
@@ -696,6 +702,15 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     }
 
     private func failAll(_ error: NodeError) {
+        failWaiting(error)
+        for waiter in checkpointWaiters { waiter.fail(error) }
+        checkpointWaiters = []
+        transfer?.promise.fail(error)
+        transfer = nil
+    }
+
+    /// Fails the proposals, membership changes and reads that wait for Raft.
+    private func failWaiting(_ error: NodeError) {
         for (_, promise) in writes { promise.fail(error) }
         writes = [:]
         proposalBuffer = []
@@ -704,9 +719,5 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         for (_, promise) in reads { promise.fail(error) }
         reads = [:]
         readsAwaitingApply = []
-        for waiter in checkpointWaiters { waiter.fail(error) }
-        checkpointWaiters = []
-        transfer?.promise.fail(error)
-        transfer = nil
     }
 }

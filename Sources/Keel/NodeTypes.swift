@@ -51,6 +51,9 @@ public enum NodeError: Error, Sendable, Equatable, CustomStringConvertible {
     case storageFailed(String)
     /// The request did not complete in time (the outcome of a write is then unknown).
     case timedOut
+    /// The leader changed while the request waited: a read can be retried; a write's outcome is
+    /// unknown (it may still commit under the new leader).
+    case leaderChanged
     /// A setting or an argument outside what is allowed.
     case invalidArgument(String)
     /// Raft refused the request (for example a membership change while another is under way).
@@ -64,6 +67,7 @@ public enum NodeError: Error, Sendable, Equatable, CustomStringConvertible {
         case .shuttingDown: "keel: the node is shutting down"
         case .storageFailed(let reason): "keel: storage failed, the node has stopped: \(reason)"
         case .timedOut: "keel: timed out; the outcome is unknown"
+        case .leaderChanged: "keel: the leader changed while the request waited; the outcome is unknown"
         case .invalidArgument(let reason): "keel: invalid argument: \(reason)"
         case .refused(let reason): "keel: refused: \(reason)"
         }

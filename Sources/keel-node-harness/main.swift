@@ -119,7 +119,7 @@ let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
 let machine = StringMap()
 
 func describe(_ error: any Error) -> String {
-    if let error = error as? NodeError, error == .timedOut { return "unknown \(error)" }
+    if let error = error as? NodeError, error == .timedOut || error == .leaderChanged { return "unknown \(error)" }
     return "err \(error)".replacingOccurrences(of: "\n", with: " ")
 }
 

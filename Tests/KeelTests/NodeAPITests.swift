@@ -275,3 +275,33 @@ extension NodeAPITests {
         try await group.shutdownGracefully()
     }
 }
+
+extension NodeAPITests {
+    @Test("a write waiting on a leader that died is answered leaderChanged as soon as the follower gives up on it, not at the timeout")
+    func leaderChangedAnswersEarly() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+        let base = NSTemporaryDirectory() + "keel-leader-changed-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        let ports = try await freePorts(3, group: group)
+        let members = Dictionary(uniqueKeysWithValues: (0..<3).map { (NodeID(UInt64($0 + 1)), address(ports[$0])) })
+        var nodes: [KeelNode<TestMachine>] = []
+        for id in 1...3 {
+            var configuration = settings(UInt64(id), base, members: members)
+            configuration.requestTimeoutMilliseconds = 60_000
+            nodes.append(try await KeelNode.start(configuration: configuration, machine: TestMachine(), group: group, logger: silentLogger))
+        }
+        try await commit("set a 1", via: nodes)
+        let leader = try #require(await nodes.asyncFirst { try await $0.status().role == .leader })
+        let follower = try #require(await nodes.asyncFirst { try await $0.status().role == .follower })
+        await leader.shutdown()
+        do {
+            _ = try await follower.propose(Array("set b 2".utf8))
+        } catch let error as NodeError {
+            // Forwarded to a leader that is gone: the follower answers when it stops following it.
+            // (The 60 s timeout would have answered timedOut.)
+            #expect(error == .leaderChanged || error == .noLeader, "got \(error)")
+        }
+        for node in nodes where node !== leader { await node.shutdown() }
+        try await group.shutdownGracefully()
+    }
+}
