@@ -51,6 +51,31 @@ func secondsIn(_ duration: Duration) -> Double {
     Double(duration.components.seconds) + Double(duration.components.attoseconds) / 1e18
 }
 
+/// Runs `operation` in a loop from `count` concurrent tasks for `seconds`; returns the elapsed
+/// seconds and every operation's latency in milliseconds, sorted.
+func measureConcurrently(_ count: Int, seconds: Double,
+                         _ operation: @escaping @Sendable () async throws -> Void) async throws -> (elapsed: Double, latencies: [Double]) {
+    let deadline = ContinuousClock.now + .milliseconds(Int(seconds * 1000))
+    let started = ContinuousClock.now
+    let latencies = try await withThrowingTaskGroup(of: [Double].self) { tasks in
+        for _ in 0..<count {
+            tasks.addTask {
+                var samples: [Double] = []
+                while ContinuousClock.now < deadline {
+                    let begin = ContinuousClock.now
+                    try await operation()
+                    samples.append(secondsIn(ContinuousClock.now - begin) * 1000)
+                }
+                return samples
+            }
+        }
+        var all: [Double] = []
+        for try await samples in tasks { all += samples }
+        return all.sorted()
+    }
+    return (secondsIn(ContinuousClock.now - started), latencies)
+}
+
 func percentile(_ sorted: [Double], _ p: Double) -> Double {
     guard !sorted.isEmpty else { return 0 }
     return sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))]
@@ -139,26 +164,8 @@ struct AppendBench: AsyncParsableCommand {
             options.checkpointLogBytes = 0
             let store = try DurableStore<CountingMachine>(path: path, options: options, logger: silent)
             let payload = [UInt8](repeating: 0x61, count: size)
-            let deadline = ContinuousClock.now + .milliseconds(Int(seconds * 1000))
             let syncsBefore = store.log.syncCount
-            let started = ContinuousClock.now
-            let latencies = try await withThrowingTaskGroup(of: [Double].self) { group in
-                for _ in 0..<count {
-                    group.addTask {
-                        var samples: [Double] = []
-                        while ContinuousClock.now < deadline {
-                            let begin = ContinuousClock.now
-                            _ = try await store.execute(payload)
-                            samples.append(secondsIn(ContinuousClock.now - begin) * 1000)
-                        }
-                        return samples
-                    }
-                }
-                var all: [Double] = []
-                for try await samples in group { all += samples }
-                return all.sorted()
-            }
-            let elapsed = secondsIn(ContinuousClock.now - started)
+            let (elapsed, latencies) = try await measureConcurrently(count, seconds: seconds) { _ = try await store.execute(payload) }
             let syncsUsed = store.log.syncCount - syncsBefore
             store.close()
             try? FileManager.default.removeItem(atPath: path)

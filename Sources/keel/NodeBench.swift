@@ -94,25 +94,7 @@ struct NodeBench: AsyncParsableCommand {
         let target = leader!
         let payload = [UInt8](repeating: 0x61, count: self.size)
         _ = try await target.propose(payload)
-        let deadline = ContinuousClock.now + .milliseconds(Int(seconds * 1000))
-        let started = ContinuousClock.now
-        let latencies = try await withThrowingTaskGroup(of: [Double].self) { tasks in
-            for _ in 0..<count {
-                tasks.addTask {
-                    var samples: [Double] = []
-                    while ContinuousClock.now < deadline {
-                        let begin = ContinuousClock.now
-                        _ = try await target.propose(payload)
-                        samples.append(secondsIn(ContinuousClock.now - begin) * 1000)
-                    }
-                    return samples
-                }
-            }
-            var all: [Double] = []
-            for try await samples in tasks { all += samples }
-            return all.sorted()
-        }
-        let elapsed = secondsIn(ContinuousClock.now - started)
+        let (elapsed, latencies) = try await measureConcurrently(count, seconds: seconds) { _ = try await target.propose(payload) }
         for node in cluster { await node.shutdown() }
         try? FileManager.default.removeItem(atPath: base)
         return (Double(latencies.count) / elapsed, latencies)

@@ -23,7 +23,7 @@ func commit(_ command: String, via nodes: [KeelNode<TestMachine>]) async throws 
     for attempt in 0..<500 {
         do {
             return try await nodes[attempt % nodes.count].propose(Array(command.utf8))
-        } catch NodeError.noLeader, NodeError.timedOut, NodeError.notLeader {
+        } catch NodeError.noLeader, NodeError.timedOut, NodeError.notLeader, NodeError.leaderChanged {
             try await Task.sleep(for: .milliseconds(20))
         }
     }
@@ -34,6 +34,24 @@ func commit(_ command: String, via nodes: [KeelNode<TestMachine>]) async throws 
 @Suite("The node's public API: membership at run time, read consistency, checkpoints, errors", .serialized)
 struct NodeAPITests {
     func address(_ port: Int) -> PeerAddress { PeerAddress(host: "127.0.0.1", port: port) }
+
+    /// Members 1...count on free loopback ports.
+    func freshMembers(_ count: Int, group: any EventLoopGroup) async throws -> [NodeID: PeerAddress] {
+        let ports = try await freePorts(count, group: group)
+        return Dictionary(uniqueKeysWithValues: (0..<count).map { (NodeID(UInt64($0 + 1)), address(ports[$0])) })
+    }
+
+    /// Starts the given members of `members` (each with a fresh TestMachine).
+    func start(_ ids: ClosedRange<UInt64>, _ base: String, members: [NodeID: PeerAddress], group: any EventLoopGroup,
+               configure: (inout NodeConfiguration) -> Void = { _ in }) async throws -> [KeelNode<TestMachine>] {
+        var nodes: [KeelNode<TestMachine>] = []
+        for id in ids {
+            var configuration = settings(id, base, members: members)
+            configure(&configuration)
+            nodes.append(try await KeelNode.start(configuration: configuration, machine: TestMachine(), group: group, logger: silentLogger))
+        }
+        return nodes
+    }
 
     func settings(_ id: UInt64, _ base: String, members: [NodeID: PeerAddress], join: Bool = false) -> NodeConfiguration {
         var configuration = NodeConfiguration(node: NodeID(id), dataDirectory: base + "/node\(id)", members: members,
@@ -108,10 +126,8 @@ struct NodeAPITests {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
         let base = NSTemporaryDirectory() + "keel-reads-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         defer { try? FileManager.default.removeItem(atPath: base) }
-        let ports = try await freePorts(3, group: group)
-        let members = Dictionary(uniqueKeysWithValues: (0..<3).map { (NodeID(UInt64($0 + 1)), address(ports[$0])) })
-        var nodes: [KeelNode<TestMachine>] = []
-        for id in 1...3 { nodes.append(try await KeelNode.start(configuration: settings(UInt64(id), base, members: members), machine: TestMachine(), group: group, logger: silentLogger)) }
+        let members = try await freshMembers(3, group: group)
+        let nodes = try await start(1...3, base, members: members, group: group)
         for i in 0..<20 {
             try await commit("set k\(i) v\(i)", via: nodes)
             let follower = try await nodes.asyncFirst { try await $0.status().role == .follower } ?? nodes[0]
@@ -121,7 +137,7 @@ struct NodeAPITests {
                 do {
                     seen = try await follower.read(consistency: i.isMultiple(of: 2) ? .linearizable : .lease) { $0.values["k\(i)"] }
                     break
-                } catch NodeError.noLeader, NodeError.timedOut { try await Task.sleep(for: .milliseconds(20)) }
+                } catch NodeError.noLeader, NodeError.timedOut, NodeError.leaderChanged { try await Task.sleep(for: .milliseconds(20)) }
             }
             #expect(seen == "v\(i)")
         }
@@ -214,10 +230,8 @@ extension NodeAPITests {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
         let base = NSTemporaryDirectory() + "keel-bad-checkpoint-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         defer { try? FileManager.default.removeItem(atPath: base) }
-        let ports = try await freePorts(3, group: group)
-        let members = Dictionary(uniqueKeysWithValues: (0..<3).map { (NodeID(UInt64($0 + 1)), address(ports[$0])) })
-        var nodes: [KeelNode<TestMachine>] = []
-        for id in 1...3 { nodes.append(try await KeelNode.start(configuration: settings(UInt64(id), base, members: members), machine: TestMachine(), group: group, logger: silentLogger)) }
+        let members = try await freshMembers(3, group: group)
+        let nodes = try await start(1...3, base, members: members, group: group)
         try await commit("set first 1", via: nodes)
         let leader = try #require(await nodes.asyncFirst { try await $0.status().role == .leader })
         let laggard = try #require(await nodes.asyncFirst { try await $0.status().role != .leader })
@@ -252,10 +266,8 @@ extension NodeAPITests {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
         let base = NSTemporaryDirectory() + "keel-refused-snapshot-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         defer { try? FileManager.default.removeItem(atPath: base) }
-        let ports = try await freePorts(3, group: group)
-        let members = Dictionary(uniqueKeysWithValues: (0..<3).map { (NodeID(UInt64($0 + 1)), address(ports[$0])) })
-        var nodes: [KeelNode<TestMachine>] = []
-        for id in 1...2 { nodes.append(try await KeelNode.start(configuration: settings(UInt64(id), base, members: members), machine: TestMachine(), group: group, logger: silentLogger)) }
+        let members = try await freshMembers(3, group: group)
+        let nodes = try await start(1...2, base, members: members, group: group)
         for i in 0..<20 { try await commit("set k\(i) v\(i)", via: nodes) }
         let leader = try #require(await nodes.asyncFirst { try await $0.status().role == .leader })
         _ = try await leader.checkpoint()
@@ -282,14 +294,8 @@ extension NodeAPITests {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
         let base = NSTemporaryDirectory() + "keel-leader-changed-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         defer { try? FileManager.default.removeItem(atPath: base) }
-        let ports = try await freePorts(3, group: group)
-        let members = Dictionary(uniqueKeysWithValues: (0..<3).map { (NodeID(UInt64($0 + 1)), address(ports[$0])) })
-        var nodes: [KeelNode<TestMachine>] = []
-        for id in 1...3 {
-            var configuration = settings(UInt64(id), base, members: members)
-            configuration.requestTimeoutMilliseconds = 60_000
-            nodes.append(try await KeelNode.start(configuration: configuration, machine: TestMachine(), group: group, logger: silentLogger))
-        }
+        let members = try await freshMembers(3, group: group)
+        let nodes = try await start(1...3, base, members: members, group: group) { $0.requestTimeoutMilliseconds = 60_000 }
         try await commit("set a 1", via: nodes)
         let leader = try #require(await nodes.asyncFirst { try await $0.status().role == .leader })
         let follower = try #require(await nodes.asyncFirst { try await $0.status().role == .follower })
