@@ -57,9 +57,11 @@ public final class DurableRaftStorage: RaftStorage, @unchecked Sendable {
     /// - Parameter initialMembership: the membership of a new cluster (used when there is no checkpoint).
     /// - Returns: the storage, and the state machine bytes of the newest checkpoint (nil when there is none).
     public static func open(path: String, options: LogOptions = LogOptions(), initialMembership: Membership,
-                            fileSystem: any FileSystem = POSIXFileSystem()) throws(StorageError) -> (DurableRaftStorage, [UInt8]?) {
-        // Votes and entries are acknowledged to peers; only a synced log may back them.
-        guard options.fsyncPolicy == .always else {
+                            fileSystem: any FileSystem = POSIXFileSystem(),
+                            allowUnsyncedLog: Bool = false) throws(StorageError) -> (DurableRaftStorage, [UInt8]?) {
+        // Votes and entries are acknowledged to peers; only a synced log may back them (unless the
+        // owner knowingly gives that up, as `keel serve --fsync never` does).
+        guard options.fsyncPolicy == .always || allowUnsyncedLog else {
             throw .invalidConfiguration("Raft's log needs fsync `always` (a vote or an acknowledged entry must survive a crash)")
         }
         let directory = try DataDirectory(path: path, fileSystem: fileSystem)
@@ -348,6 +350,8 @@ public final class DurableRaftStorage: RaftStorage, @unchecked Sendable {
     /// state's bytes), keeps the newest two, and removes log segments the older one covers.
     public func createSnapshot(at index: LogIndex, term: Term, membership: Membership, state: some CheckpointSource,
                                wallTimeMilliseconds: Int64) throws(StorageError) {
+        // A snapshot installed from the leader meanwhile may be newer: never go back.
+        guard index >= snapshot.index else { return }
         let body = SnapshotBody(membership: Self.encodeMembership(membership), state: state)
         _ = try checkpoints.write(body, metadata: CheckpointMetadata(index: index, term: term, wallTimeMilliseconds: wallTimeMilliseconds))
         guarded.withLockedValue {

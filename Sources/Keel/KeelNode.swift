@@ -74,6 +74,15 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     private var writes: [UInt64: EventLoopPromise<[UInt8]>] = [:]
     /// Proposals not yet handed to Raft (see `startProposal`).
     private var proposalBuffer: [(data: [UInt8], request: UInt64)] = []
+    /// The leader each proposal and read was handed to (this node, or the one it forwarded to).
+    private var handedTo: [UInt64: NodeID] = [:]
+    /// A leader this node stopped following in the Ready being handled: what was handed to it
+    /// and is still unanswered is failed once the Ready's committed entries are applied.
+    private var lostLeader: NodeID?
+    /// A hard state whose only change was the commit index, not yet written (see `process`).
+    private var unwrittenHardState: HardState?
+    /// The snapshot index last rewritten because its file failed verification (once per index).
+    private var rewroteDamaged: LogIndex?
     private var changes: [UInt64: EventLoopPromise<Void>] = [:]
     /// Reads by request id, from the call until they are served or time out.
     private var reads: [UInt64: EventLoopPromise<LogIndex>] = [:]
@@ -113,7 +122,8 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         // The membership lives in the log and in snapshots only (never recomputed from `members`
         // after the founding): a new cluster's founding voters are its first log entries.
         let (storage, state) = try DurableRaftStorage.open(path: configuration.dataDirectory, options: configuration.log,
-                                                           initialMembership: Membership(voters: []), fileSystem: fileSystem)
+                                                           initialMembership: Membership(voters: []), fileSystem: fileSystem,
+                                                           allowUnsyncedLog: configuration.allowUnsyncedLog)
         let raft: RaftNode
         var addresses = configuration.members
         do {
@@ -200,6 +210,29 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         loop.execute { self.startProposal(command, promise) }
         return try await Self.wait(promise.futureResult)
     }
+
+    /// `propose` for callers on event loops: the future completes on the node's loop.
+    public func proposeFuture(_ command: [UInt8]) -> EventLoopFuture<[UInt8]> {
+        let promise = loop.makePromise(of: [UInt8].self)
+        loop.execute { self.startProposal(command, promise) }
+        return promise.futureResult
+    }
+
+    /// `read` for callers on event loops: the future completes on the node's loop.
+    public func readFuture<T: Sendable>(consistency: Consistency = .linearizable,
+                                        _ body: @escaping @Sendable (Machine) -> T) -> EventLoopFuture<T> {
+        @Sendable func run() throws -> T {
+            if let error = self.refusal() { throw error }
+            return body(self.machine)
+        }
+        if consistency == .local { return loop.submit { try run() } }
+        let promise = loop.makePromise(of: LogIndex.self)
+        loop.execute { self.startRead(promise, lease: consistency == .lease) }
+        return promise.futureResult.flatMapThrowing { _ in try run() }
+    }
+
+    /// The event loop the node runs on.
+    public var eventLoop: any EventLoop { loop }
 
     /// Runs `body` on the state machine at the chosen consistency and returns its result.
     ///
@@ -304,6 +337,10 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
             try? await Task.sleep(for: .milliseconds(10))
         }
         storageQueue.sync {}
+        // The newest commit index, if only memory had it (a clean stop leaves nothing to relearn).
+        if let unwritten = try? await loop.submit({ self.stopped == nil ? self.unwrittenHardState : nil }).get() {
+            try? await storage.persist(entries: [], hardState: unwritten)
+        }
         storage.close()
     }
 
@@ -325,6 +362,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         proposalBuffer.append((CommandRecord.encode(tag(request), command: command), request))
         loop.scheduleTask(in: .milliseconds(configuration.requestTimeoutMilliseconds)) {
             self.writes.removeValue(forKey: request)?.fail(NodeError.timedOut)
+            self.handedTo[request] = nil
         }
         // Proposals that arrive while a write is in flight wait here and go to Raft together, as
         // one batch (one AppendEntries per follower) when the next Ready is taken.
@@ -334,10 +372,26 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     /// Hands the buffered proposals to Raft as one batch.
     private func flushProposals() {
         guard !proposalBuffer.isEmpty else { return }
-        let batch = proposalBuffer
+        let buffered = proposalBuffer
         proposalBuffer = []
-        do { try raft.propose(batch: batch.map(\.data)) } catch {
-            for (_, request) in batch { writes.removeValue(forKey: request)?.fail(NodeError(error)) }
+        // In batches no larger than one message may carry (a follower forwards each as one).
+        var start = 0
+        while start < buffered.count {
+            var end = start
+            var bytes = 0
+            while end < buffered.count, end - start < configuration.raft.messageEntriesMax,
+                  end == start || bytes + buffered[end].data.count + 64 <= configuration.raft.messageSizeMax / 2 {
+                bytes += buffered[end].data.count + 64
+                end += 1
+            }
+            let batch = buffered[start..<end]
+            do {
+                try raft.propose(batch: batch.map(\.data))
+                if let leader = raft.leader { for (_, request) in batch { handedTo[request] = leader } }
+            } catch {
+                for (_, request) in batch { writes.removeValue(forKey: request)?.fail(NodeError(error)) }
+            }
+            start = end
         }
     }
 
@@ -354,8 +408,10 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
             return promise.fail(NodeError(error))
         }
         reads[request] = promise
+        if let leader = raft.leader { handedTo[request] = leader }
         loop.scheduleTask(in: .milliseconds(configuration.requestTimeoutMilliseconds)) {
             self.reads.removeValue(forKey: request)?.fail(NodeError.timedOut)
+            self.handedTo[request] = nil
         }
         process()
     }
@@ -473,10 +529,22 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         // A hard state that only moves the commit index needs no fsync of its own (as etcd's
         // MustSync): a node that restarts with an older commit index learns it again from the
         // leader, and its state machine is rebuilt from what it held. It is written with the next
-        // entries.
+        // entries, at shutdown, or at once when it commits a configuration change.
+        // The membership is applied at commit, so a commit that covers a configuration change is
+        // written at once: after a restart the node must not fall back to an older membership.
         let commitOnly = ready.entries.isEmpty && ready.snapshot == nil
             && ready.hardState.map { $0.term == persistedHardState.term && $0.votedFor == persistedHardState.votedFor } == true
-        let hardState = commitOnly ? nil : ready.hardState
+        let coversChange = ready.committedEntries.contains { $0.kind == .configurationChange }
+        var toWrite = ready.hardState
+        if commitOnly && !coversChange {
+            unwrittenHardState = ready.hardState
+            toWrite = nil
+        } else if toWrite == nil, let unwritten = unwrittenHardState, !ready.entries.isEmpty || coversChange {
+            // Written with the next entries (or before a configuration change is applied).
+            toWrite = unwritten
+        }
+        if toWrite != nil { unwrittenHardState = nil }
+        let hardState = toWrite
         if ready.incomingSnapshotChunks.isEmpty && ready.snapshot == nil {
             // Entries and hard state only: hand them straight to the log's writer thread (the
             // call only queues them).
@@ -511,9 +579,16 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         role = soft.role
         leader = soft.leader
         if let previous, soft.leader != previous {
-            // What waits on the old leader may never be answered (a forwarded proposal or read
-            // lost with it): answer now rather than at the timeout, so callers retry at once.
-            failWaiting(NodeError.leaderChanged)
+            // What was handed to the old leader may never be answered (a forwarded proposal or
+            // read lost with it): answer it `leaderChanged` rather than at the timeout, once this
+            // Ready's committed entries are applied (those are answered with their results).
+            lostLeader = previous
+            changes.values.forEach { $0.fail(NodeError.leaderChanged) }
+            changes = [:]
+        }
+        if let transfer, let leader = soft.leader, leader != transfer.target {
+            self.transfer = nil
+            transfer.promise.fail(NodeError.refused("node \(leader) leads, not node \(transfer.target)"))
         }
         if let transfer, soft.leader == transfer.target {
             self.transfer = nil
@@ -560,8 +635,28 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         }
         raft.advance(ready)
         serveReads()
+        if let lost = lostLeader {
+            lostLeader = nil
+            failHanded(to: lost)
+        }
         maybeSnapshot()
         process()
+    }
+
+    /// Fails the writes and reads handed to `leader` that are still unanswered (reads whose index
+    /// is known are kept: that index stays valid).
+    private func failHanded(to leader: NodeID) {
+        let confirmed = Set(readsAwaitingApply.map(\.request))
+        for (request, target) in handedTo where target == leader {
+            if let promise = writes.removeValue(forKey: request) {
+                promise.fail(NodeError.leaderChanged)
+            } else if !confirmed.contains(request), let promise = reads.removeValue(forKey: request) {
+                promise.fail(NodeError.leaderChanged)
+            } else if confirmed.contains(request) {
+                continue
+            }
+            handedTo[request] = nil
+        }
     }
 
     private func stop(_ reason: String) {
@@ -584,6 +679,8 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         }
         role = .follower
         leader = nil
+        // What the old core held (forwarded or not yet persisted) is gone with it.
+        failWaiting(NodeError.leaderChanged)
         process()
     }
 
@@ -603,10 +700,14 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     /// for: the state machine's snapshot is taken on the loop, written on the storage queue.
     private func maybeSnapshot() {
         guard !snapshotting, !closing, stopped == nil else { return }
+        // (A snapshot being installed moves the storage's index before `appliedIndex` follows.)
+        guard appliedIndex >= storage.snapshot.index else { return }
         let due = appliedIndex.rawValue - storage.snapshot.index.rawValue >= configuration.snapshotInterval
         // Our newest checkpoint failed verification when a follower was to receive it: write a
-        // fresh one (at the same index if nothing was applied since) instead of sending bad bytes.
-        let damaged = storage.damagedSnapshot != nil
+        // fresh one (at the same index if nothing was applied since) instead of sending bad bytes;
+        // once per index, so a file that can never verify is not rewritten forever.
+        let damaged = storage.damagedSnapshot.map { $0.index != rewroteDamaged } ?? false
+        if damaged { rewroteDamaged = storage.damagedSnapshot?.index }
         guard due || damaged || !checkpointWaiters.isEmpty else { return }
         guard appliedIndex > storage.snapshot.index || (damaged && appliedIndex == storage.snapshot.index && appliedIndex > .zero),
               let term = raft.term(at: appliedIndex) else {
@@ -675,6 +776,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
             guard let (tag, command) = CommandRecord.decode(entry.data) else { return }
             let result = machine.apply(Array(command))
             if tag.origin == configuration.node.rawValue, tag.run == run, let promise = writes.removeValue(forKey: tag.request) {
+                handedTo[tag.request] = nil
                 promise.succeed(result)
             }
         }
@@ -697,6 +799,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         readsAwaitingApply.removeAll { read in
             guard read.index <= appliedIndex else { return reads[read.request] == nil }
             reads.removeValue(forKey: read.request)?.succeed(read.index)
+            handedTo[read.request] = nil
             return true
         }
     }
@@ -711,6 +814,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
 
     /// Fails the proposals, membership changes and reads that wait for Raft.
     private func failWaiting(_ error: NodeError) {
+        handedTo = [:]
         for (_, promise) in writes { promise.fail(error) }
         writes = [:]
         proposalBuffer = []

@@ -108,9 +108,13 @@ public struct NodeConfiguration: Sendable {
     /// Promote a learner to voter once it is within `promotionLagEntries` of the leader's log.
     public var autoPromoteLearners = true
     public var promotionLagEntries: UInt64 = 100
-    /// The log's settings. The fsync policy is always `always` (Raft's votes and acknowledged
-    /// entries must survive a crash); other values are refused.
+    /// The log's settings. The fsync policy must be `always` (Raft's votes and acknowledged
+    /// entries must survive a crash) unless `allowUnsyncedLog` is set.
     public var log = LogOptions()
+    /// Accepts a log policy of `everysec` or `never`: writes are acknowledged before they are on
+    /// disk. On one node a crash can lose the last writes (as Redis without `appendfsync always`);
+    /// in a cluster it can also lose a vote and so break Raft's guarantees. Off by default.
+    public var allowUnsyncedLog = false
     public var raft: RaftConfiguration
 
     /// A node of a new cluster whose voters are `members` (this node among them).
@@ -137,8 +141,8 @@ public struct NodeConfiguration: Sendable {
         guard requestTimeoutMilliseconds > 0 else { throw .invalidArgument("requestTimeoutMilliseconds must be positive") }
         guard (1...(UInt64(1) << 62)).contains(snapshotInterval) else { throw .invalidArgument("snapshotInterval must be in 1...2^62") }
         guard promotionLagEntries <= UInt64(1) << 62 else { throw .invalidArgument("promotionLagEntries must be at most 2^62") }
-        guard log.fsyncPolicy == .always else {
-            throw .invalidArgument("a node's log needs fsync `always` (a vote or an acknowledged entry must survive a crash)")
+        guard log.fsyncPolicy == .always || allowUnsyncedLog else {
+            throw .invalidArgument("a node's log needs fsync `always` (a vote or an acknowledged entry must survive a crash); set allowUnsyncedLog to accept losing them")
         }
         guard !clusterToken.isEmpty else { throw .invalidArgument("the cluster token must not be empty") }
         do { try raft.validate() } catch { throw NodeError(error) }

@@ -32,7 +32,7 @@ public final class RaftNode {
 
     // Volatile state
     private(set) var role = Role.follower
-    private(set) var leader: NodeID?
+    public private(set) var leader: NodeID?
     private(set) var membership: Membership
     /// Configuration changes are applied when committed; this is how far they have been.
     private var configurationAppliedThrough: LogIndex
