@@ -14,6 +14,7 @@ let package = Package(
         .library(name: "KeelRaft", targets: ["KeelRaft"]),
         .library(name: "KeelSimulation", targets: ["KeelSimulation"]),
         .library(name: "Keel", targets: ["Keel"]),
+        .library(name: "KeelKV", targets: ["KeelKV"]),
         .executable(name: "keel", targets: ["keel"]),
     ],
     dependencies: [
@@ -67,6 +68,28 @@ let package = Package(
             ],
             swiftSettings: strict
         ),
+        // The key-value state machine of `keel serve`: commands, expiry, transactions, snapshots.
+        .target(
+            name: "KeelKV",
+            dependencies: [
+                "KeelCore", "KeelStorage",
+                .product(name: "Collections", package: "swift-collections"),
+            ],
+            swiftSettings: strict
+        ),
+        // `keel serve`: RESP2/RESP3 on SwiftNIO, the command table, AUTH, INFO.
+        .target(
+            name: "KeelServer",
+            dependencies: [
+                "Keel", "KeelCore", "KeelKV", "KeelRaft", "KeelStorage",
+                .product(name: "Collections", package: "swift-collections"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict
+        ),
         .executableTarget(
             name: "keel",
             dependencies: [
@@ -75,6 +98,7 @@ let package = Package(
                 "KeelRaft",
                 "KeelSimulation",
                 "Keel",
+                "KeelServer",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Collections", package: "swift-collections"),

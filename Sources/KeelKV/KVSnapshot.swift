@@ -1,0 +1,74 @@
+// The key-value store's snapshot: an O(1) copy of its databases, written out in key order (so two
+// replicas with the same state write the same bytes). Format: docs/formats/kv.md.
+
+import Collections
+import KeelCore
+import KeelStorage
+
+/// A frozen copy of the store, written on the checkpoint thread.
+public struct KVSnapshot: CheckpointSource {
+    let databases: [Database]
+    let now: Int64
+    let revision: UInt64
+
+    public func writeCheckpoint(to sink: inout CheckpointSink) throws(StorageError) {
+        var writer = ByteWriter(capacity: 1 << 16)
+        writer.write(UInt8(1))
+        writer.write(UInt64(bitPattern: now))
+        writer.write(revision)
+        writer.write(UInt8(databases.count))
+        for (number, database) in databases.enumerated() {
+            writer.write(UInt8(number))
+            writer.write(UInt64(database.keys.count))
+            let keys = database.keys.keys.sorted { $0.lexicographicallyPrecedes($1) }
+            for key in keys {
+                let value = database.keys[key]!
+                writer.writeLengthPrefixed(key)
+                writer.writeLengthPrefixed(value.bytes)
+                writer.write(UInt64(bitPattern: value.expiresAt))
+                writer.write(value.revision)
+                if writer.count >= 1 << 16 {
+                    try sink.write(writer.bytes)
+                    writer.removeAll()
+                }
+            }
+        }
+        try sink.write(writer.bytes)
+    }
+}
+
+extension KVStore {
+    /// An O(1) copy of the state.
+    public func snapshot() -> KVSnapshot { KVSnapshot(databases: databases, now: now, revision: revision) }
+
+    /// Replaces the state with a snapshot's bytes.
+    public func restore(from bytes: [UInt8]) throws {
+        var reader = ByteReader(bytes)
+        guard try reader.readUInt8("version") == 1 else { throw DecodingError("unknown kv snapshot version", offset: 0) }
+        let restoredNow = Int64(bitPattern: try reader.readUInt64("now"))
+        let restoredRevision = try reader.readUInt64("revision")
+        let count = Int(try reader.readUInt8("database count"))
+        guard count == Self.databaseCount else { throw DecodingError("\(count) databases", offset: 17) }
+        var restored = Array(repeating: Database(), count: Self.databaseCount)
+        for _ in 0..<count {
+            let number = Int(try reader.readUInt8("database"))
+            guard number < Self.databaseCount else { throw DecodingError("database \(number)", offset: reader.position - 1) }
+            let keyCount = try reader.readUInt64("key count")
+            guard keyCount <= UInt64(reader.remaining / 24) else { throw DecodingError("key count \(keyCount)", offset: reader.position - 8) }
+            var database = Database()
+            for _ in 0..<keyCount {
+                let key = Array(try reader.readLengthPrefixed(limit: bytes.count, "key"))
+                let value = Array(try reader.readLengthPrefixed(limit: bytes.count, "value"))
+                let expiresAt = Int64(bitPattern: try reader.readUInt64("expiry"))
+                let revision = try reader.readUInt64("revision")
+                database.keys[key] = StoredValue(bytes: value, expiresAt: expiresAt, revision: revision)
+                if expiresAt != 0 { database.volatile[key] = expiresAt }
+            }
+            restored[number] = database
+        }
+        guard reader.isAtEnd else { throw DecodingError("bytes after the snapshot", offset: reader.position) }
+        databases = restored
+        now = restoredNow
+        revision = restoredRevision
+    }
+}

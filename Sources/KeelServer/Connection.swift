@@ -1,0 +1,252 @@
+// One client connection: its state (database, protocol, authentication, transaction, watches,
+// read consistency) and the order of its replies.
+//
+// Requests are handled in order. Consecutive key-value reads go to the node as one read (one
+// read index for all of them); consecutive writes are proposed together (the node batches them
+// into one log write); anything else runs alone. A read waits for the writes before it, so a
+// connection always reads its own writes. Replies are written in request order and flushed when
+// the connection has nothing more to do.
+
+import DequeModule
+import Foundation
+import Keel
+import KeelCore
+import KeelKV
+import KeelStorage
+import NIOCore
+
+/// What CLIENT LIST and INFO show of a connection.
+struct ClientInfo: Sendable {
+    var id: UInt64
+    var address: String
+    var name: String
+    var database: Int
+    var connectedAt: Date
+    var lastCommand: String
+    var protocolVersion: Int
+}
+
+final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
+    // @unchecked Sendable: every field is touched only on the channel's event loop.
+    typealias InboundIn = RESPRequest
+    typealias OutboundOut = ByteBuffer
+
+    let server: KeelServer
+    let id: UInt64
+    var database = 0
+    var protocolVersion = 2
+    var authenticated: Bool
+    var name = ""
+    var readonly = false
+    /// Queued commands while in MULTI.
+    var transaction: [KVEntry.QueuedCommand]?
+    var transactionFailed = false
+    var watched: [KVEntry.WatchedKey] = []
+    private var pending = Deque<RESPRequest>()
+    private var busy = false
+    private var closing = false
+    private var output: ByteBuffer?
+    private weak var context: ChannelHandlerContext?
+    private var address = "?"
+
+    init(server: KeelServer) {
+        self.server = server
+        id = server.newClientID()
+        authenticated = server.configuration.requirePassword == nil
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        self.context = context
+        address = context.remoteAddress.map { "\($0.ipAddress ?? "?"):\($0.port ?? 0)" } ?? "?"
+        let admitted = server.clients.withLockedValue { clients -> Bool in
+            guard clients.count < server.configuration.maxClients else { return false }
+            clients[id] = ClientInfo(id: id, address: address, name: "", database: 0, connectedAt: Date(), lastCommand: "NULL", protocolVersion: 2)
+            return true
+        }
+        server.stats.withLockedValue {
+            $0.connectionsReceived += 1
+            if !admitted { $0.connectionsRejected += 1 }
+        }
+        if !admitted {
+            var buffer = context.channel.allocator.buffer(capacity: 64)
+            buffer.writeReply(.error("ERR max number of clients reached"), protocol: 2)
+            let channel = context.channel
+            channel.writeAndFlush(buffer).whenComplete { _ in channel.close(promise: nil) }
+            closing = true
+        }
+        context.fireChannelActive()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        server.clients.withLockedValue { $0[id] = nil }
+        closing = true
+        pending.removeAll()
+        context.fireChannelInactive()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !closing else { return }
+        pending.append(unwrapInboundIn(data))
+        if !busy { pump() }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        context.close(promise: nil)
+    }
+
+    // MARK: - Order
+
+    /// Handles requests in order until one must wait, then flushes.
+    private func pump() {
+        while !busy, !closing, let request = pending.popFirst() {
+            switch request {
+            case .protocolError(let message):
+                write(.error(message))
+                closeAfterFlush()
+            case .command(let arguments):
+                server.stats.withLockedValue { $0.commandsProcessed += 1 }
+                handle(arguments)
+            }
+        }
+        flush()
+    }
+
+    func write(_ reply: Reply) {
+        if reply.isError { server.stats.withLockedValue { $0.errorReplies += 1 } }
+        guard let context else { return }
+        if output == nil { output = context.channel.allocator.buffer(capacity: 256) }
+        output!.writeReply(reply, protocol: protocolVersion)
+    }
+
+    private func flush() {
+        guard let context, let buffer = output else { return }
+        output = nil
+        context.writeAndFlush(wrapOutboundOut(buffer), promise: nil)
+    }
+
+    func closeAfterFlush() {
+        closing = true
+        pending.removeAll()
+        flush()
+        context?.close(promise: nil)
+    }
+
+    /// Runs work that answers later; requests behind it wait.
+    func answerLater(_ future: EventLoopFuture<[Reply]>) {
+        busy = true
+        future.hop(to: context!.eventLoop).whenComplete { result in
+            self.busy = false
+            switch result {
+            case .success(let replies): replies.forEach(self.write)
+            case .failure(let error): self.write(.error(RESPConnection.describe(error)))
+            }
+            self.pump()
+        }
+    }
+
+    /// A node error as a Redis error reply.
+    static func describe(_ error: any Error) -> String {
+        guard let error = error as? NodeError else { return "ERR \(error)" }
+        switch error {
+        case .noLeader: return "CLUSTERDOWN keel: no leader is known (an election is under way); try again"
+        case .notLeader(let leader): return "ERR keel: this node is not the leader" + (leader.map { " (node \($0.rawValue) is)" } ?? "")
+        case .notMember: return "ERR keel: this node is not a member of the cluster"
+        case .shuttingDown: return "ERR keel: the server is shutting down"
+        case .storageFailed(let reason): return "MISCONF keel: the log failed and this node has stopped accepting writes: \(reason)"
+        case .timedOut: return "ERR keel: timed out; the write may or may not have been applied"
+        case .leaderChanged: return "ERR keel: the leader changed; the write may or may not have been applied"
+        case .invalidArgument(let reason): return "ERR \(reason)"
+        case .refused(let reason): return "ERR keel: \(reason)"
+        }
+    }
+
+    // MARK: - Commands
+
+    private func handle(_ arguments: [[UInt8]]) {
+        let name = String(decoding: arguments[0], as: UTF8.self).lowercased()
+        let rest = Array(arguments.dropFirst())
+        server.clients.withLockedValue { $0[id]?.lastCommand = name }
+        if !authenticated, !["auth", "hello", "quit"].contains(name) {
+            return write(.error("NOAUTH Authentication required."))
+        }
+        if transaction != nil, !["exec", "discard", "multi", "watch", "quit", "reset"].contains(name) {
+            return queue(name, rest)
+        }
+        if kvCommandArity[name] != nil {
+            return runKeyValue(name, rest)
+        }
+        runServerCommand(name, rest, original: arguments)
+    }
+
+    private func queue(_ name: String, _ arguments: [[UInt8]]) {
+        guard let arity = kvCommandArity[name] else {
+            transactionFailed = true
+            if serverCommandNames.contains(name) {
+                return write(.error("ERR keel: only key-value commands can be queued in a transaction ('\(name)' cannot)"))
+            }
+            return write(.error(unknownCommand(name, arguments)))
+        }
+        let count = arguments.count + 1
+        guard arity >= 0 ? count == arity : count >= -arity else {
+            transactionFailed = true
+            return write(.error("ERR wrong number of arguments for '\(name)' command"))
+        }
+        transaction?.append(KVEntry.QueuedCommand(database: database, name: name, arguments: arguments))
+        write(.simple("QUEUED"))
+    }
+
+    /// A key-value command, with the ones right behind it of the same kind.
+    private func runKeyValue(_ name: String, _ arguments: [[UInt8]]) {
+        let now = KeelServer.nowMilliseconds()
+        let command: KVCommand
+        do { command = try KVCommand.parse(name, arguments, now: now) } catch {
+            return write(.error(error.message))
+        }
+        if command.isWrite {
+            var group = [KVEntry.command(database: database, name: name, arguments: arguments)]
+            while group.count < 1024, let next = nextKeyValue(now: now), next.command.isWrite {
+                pending.removeFirst()
+                server.stats.withLockedValue { $0.commandsProcessed += 1 }
+                group.append(.command(database: database, name: next.name, arguments: next.arguments))
+            }
+            let futures = group.map { entry in
+                server.node.proposeFuture(entry.encoded(now: now)).map { Reply(decoding: $0) }
+                    .recover { .error(RESPConnection.describe($0)) }
+            }
+            answerLater(EventLoopFuture.whenAllSucceed(futures, on: context!.eventLoop))
+        } else {
+            var group = [command]
+            while group.count < 1024, let next = nextKeyValue(now: now), !next.command.isWrite {
+                pending.removeFirst()
+                server.stats.withLockedValue { $0.commandsProcessed += 1 }
+                group.append(next.command)
+            }
+            let database = self.database
+            let consistency: Consistency = readonly ? .local : .linearizable
+            let server = self.server
+            let reads = group
+            let future = server.node.readFuture(consistency: consistency) { store in
+                reads.map { store.read($0, database: database, now: KeelServer.nowMilliseconds()) }
+            }.map { results -> [Reply] in
+                let expired = results.flatMap(\.1)
+                if !expired.isEmpty { Task { await server.deleteExpired(expired) } }
+                return results.map(\.0)
+            }
+            answerLater(future)
+        }
+    }
+
+    /// The next pending request if it is a key-value command that parses (for grouping).
+    private func nextKeyValue(now: Int64) -> (name: String, arguments: [[UInt8]], command: KVCommand)? {
+        guard let next = pending.first, case .command(let arguments) = next, transaction == nil else { return nil }
+        let name = String(decoding: arguments[0], as: UTF8.self).lowercased()
+        guard authenticated, kvCommandArity[name] != nil,
+              let command = try? KVCommand.parse(name, Array(arguments.dropFirst()), now: now) else { return nil }
+        return (name, Array(arguments.dropFirst()), command)
+    }
+
+    func unknownCommand(_ name: String, _ arguments: [[UInt8]]) -> String {
+        let shown = arguments.prefix(16).map { "'\(String(decoding: $0.prefix(128), as: UTF8.self))' " }.joined()
+        return "ERR unknown command '\(String(name.prefix(128)))', with args beginning with: \(shown)"
+    }
+}

@@ -1,0 +1,150 @@
+// `keel serve`: a Redis-protocol server on a Keel node whose state machine is the key-value store.
+//
+// Connections run on the server's event loops; writes become log entries proposed through the
+// node (their replies come from `apply`), reads run on the node's loop at a read index (or at
+// once for READONLY connections). The leader deletes expired keys through the log: those its
+// reads meet, and those an active sweep finds every 100 ms.
+
+import Foundation
+import Keel
+import KeelCore
+import KeelKV
+import KeelRaft
+import KeelStorage
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+
+extension KVStore: StateMachine {}
+
+/// Counters the server keeps for INFO and /metrics.
+struct ServerStats {
+    var connectionsReceived = 0
+    var connectionsRejected = 0
+    var commandsProcessed = 0
+    var errorReplies = 0
+    var expiredKeys = 0
+    var lastCheckpointUnixSeconds: Int64 = 0
+    var checkpointsTaken = 0
+}
+
+/// A running server.
+public final class KeelServer: @unchecked Sendable {
+    // @unchecked Sendable: `stats`, `clients` behind locks; the rest set once.
+    public let configuration: ServerConfiguration
+    let group: MultiThreadedEventLoopGroup
+    let node: KeelNode<KVStore>
+    let logger: Logger
+    let startedAt = Date()
+    let stats = NIOLockedValueBox(ServerStats())
+    let clients = NIOLockedValueBox([UInt64: ClientInfo]())
+    private let nextClient = NIOLockedValueBox<UInt64>(1)
+    private var channel: (any Channel)?
+    private var sweeper: RepeatedTask?
+    /// The address clients connect to (the port chosen when `port` was 0).
+    public private(set) var localPort = 0
+
+    init(configuration: ServerConfiguration, group: MultiThreadedEventLoopGroup, node: KeelNode<KVStore>, logger: Logger) {
+        self.configuration = configuration
+        self.group = group
+        self.node = node
+        self.logger = logger
+    }
+
+    /// Recovers the data directory, starts the node and listens for clients.
+    public static func start(configuration: ServerConfiguration, logger: Logger = Logger(label: "keel.serve")) async throws -> KeelServer {
+        try configuration.validate()
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: max(2, System.coreCount))
+        let node: KeelNode<KVStore>
+        do {
+            node = try await KeelNode.start(configuration: configuration.nodeConfiguration(), machine: KVStore(), group: group, logger: logger)
+        } catch {
+            try? await group.shutdownGracefully()
+            throw error
+        }
+        let server = KeelServer(configuration: configuration, group: group, node: node, logger: logger)
+        do {
+            let channel = try await ServerBootstrap(group: group)
+                .serverChannelOption(.backlog, value: 511)
+                .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+                .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+                .childChannelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(RESPRequestDecoder(limits: configuration.limits)))
+                        try channel.pipeline.syncOperations.addHandler(RESPConnection(server: server))
+                    }
+                }
+                .bind(host: configuration.bind, port: configuration.port).get()
+            server.channel = channel
+            server.localPort = channel.localAddress?.port ?? configuration.port
+        } catch {
+            await node.shutdown()
+            try? await group.shutdownGracefully()
+            throw error
+        }
+        server.startSweeper()
+        logger.notice("keel serve: node \(configuration.nodeID.rawValue) listening for clients on \(configuration.bind):\(server.localPort), data in \(configuration.dataDirectory), fsync \(configuration.fsync.rawValue)")
+        return server
+    }
+
+    /// Stops accepting, lets in-flight requests finish, syncs and closes.
+    public func shutdown() async {
+        sweeper?.cancel()
+        try? await channel?.close()
+        // Requests in flight finish (or fail with shuttingDown) inside node.shutdown().
+        await node.shutdown()
+        try? await group.shutdownGracefully()
+    }
+
+    /// Waits until the listening channel closes.
+    public func waitUntilClosed() async {
+        try? await channel?.closeFuture.get()
+    }
+
+    func newClientID() -> UInt64 {
+        nextClient.withLockedValue { id in
+            defer { id += 1 }
+            return id
+        }
+    }
+
+    /// Unix time in milliseconds.
+    static func nowMilliseconds() -> Int64 {
+        var time = timespec()
+        clock_gettime(CLOCK_REALTIME, &time)
+        return Int64(time.tv_sec) * 1000 + Int64(time.tv_nsec) / 1_000_000
+    }
+
+    // MARK: - Expiry
+
+    /// Every 100 ms on the leader: up to 200 expired keys become one delete entry.
+    private func startSweeper() {
+        let loop = group.next()
+        sweeper = loop.scheduleRepeatedAsyncTask(initialDelay: .milliseconds(100), delay: .milliseconds(100)) { [self] _ in
+            let promise = loop.makePromise(of: Void.self)
+            promise.completeWithTask { await self.sweep() }
+            return promise.futureResult
+        }
+    }
+
+    private func sweep() async {
+        guard let status = try? await node.status(), status.role == .leader else { return }
+        let now = Self.nowMilliseconds()
+        let keys: [ExpiredKey] = (try? await node.read(consistency: .local) { store -> [ExpiredKey] in
+            var random = SystemRandomNumberGenerator()
+            return store.sampleExpired(now: now, limit: 200, random: &random)
+        }) ?? []
+        await deleteExpired(keys)
+    }
+
+    /// Proposes the deletion of expired keys (the entry deletes each only if its expiry is
+    /// still the one seen).
+    func deleteExpired(_ keys: [ExpiredKey]) async {
+        guard !keys.isEmpty else { return }
+        let entry = KVEntry.expire(keys).encoded(now: Self.nowMilliseconds())
+        if let reply = try? await node.propose(entry), case .integer(let removed) = Reply(decoding: reply) {
+            stats.withLockedValue { $0.expiredKeys += Int(removed) }
+        }
+    }
+}

@@ -1,0 +1,227 @@
+// The Redis protocol's requests: multibulk arrays of bulk strings (what clients send) and inline
+// commands (what a person types into telnet), with Redis's limits and error texts. A protocol
+// error is reported once and the connection is closed after the reply, as Redis does.
+
+import NIOCore
+
+/// Limits on what a client may send.
+public struct RESPLimits: Sendable, Equatable {
+    /// The longest bulk string (Redis's proto-max-bulk-len).
+    public var bulkLengthMax = 512 << 20
+    /// The most elements in one request.
+    public var multibulkLengthMax = 1024 * 1024
+    /// The longest inline request (Redis's PROTO_INLINE_MAX_SIZE).
+    public var inlineLengthMax = 64 << 10
+    /// The most bytes buffered for one connection's unparsed requests (client-query-buffer-limit).
+    public var queryBufferMax = 1 << 30
+    public init() {}
+}
+
+/// What the decoder produces.
+public enum RESPRequest: Equatable, Sendable {
+    case command([[UInt8]])
+    /// A protocol error: reply with it, then close the connection.
+    case protocolError(String)
+}
+
+/// Decodes requests; stateless between requests except for the partial one it waits on.
+public struct RESPRequestDecoder: ByteToMessageDecoder {
+    public typealias InboundOut = RESPRequest
+    let limits: RESPLimits
+    private var failed = false
+
+    public init(limits: RESPLimits = RESPLimits()) { self.limits = limits }
+
+    public mutating func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
+        guard !failed else {
+            buffer.moveReaderIndex(to: buffer.writerIndex)
+            return .needMoreData
+        }
+        switch parse(&buffer) {
+        case .needMoreData:
+            if buffer.readableBytes > limits.queryBufferMax {
+                fail(context, "ERR Protocol error: query buffer exceeds the limit", &buffer)
+                return .continue
+            }
+            return .needMoreData
+        case .request(let arguments):
+            if !arguments.isEmpty { context.fireChannelRead(wrapInboundOut(.command(arguments))) }
+            return .continue
+        case .error(let message):
+            fail(context, message, &buffer)
+            return .continue
+        }
+    }
+
+    public mutating func decodeLast(context: ChannelHandlerContext, buffer: inout ByteBuffer, seenEOF: Bool) throws -> DecodingState {
+        while try decode(context: context, buffer: &buffer) == .continue, buffer.readableBytes > 0 {}
+        return .needMoreData
+    }
+
+    private mutating func fail(_ context: ChannelHandlerContext, _ message: String, _ buffer: inout ByteBuffer) {
+        failed = true
+        buffer.moveReaderIndex(to: buffer.writerIndex)
+        context.fireChannelRead(wrapInboundOut(.protocolError(message)))
+    }
+
+    enum Outcome: Equatable {
+        case needMoreData
+        case request([[UInt8]])
+        case error(String)
+    }
+
+    /// Parses one request from the front of `buffer`, consuming it only when complete.
+    func parse(_ buffer: inout ByteBuffer) -> Outcome {
+        guard let first = buffer.getInteger(at: buffer.readerIndex, as: UInt8.self) else { return .needMoreData }
+        if first == UInt8(ascii: "*") { return parseMultibulk(&buffer) }
+        return parseInline(&buffer)
+    }
+
+    /// The index of the "\r\n" (or "\n") ending the line at `start`, and the line's length.
+    private func lineEnd(_ buffer: ByteBuffer, from start: Int, limit: Int) -> (length: Int, next: Int)? {
+        let available = buffer.writerIndex - start
+        let view = buffer.readableBytesView
+        let base = view.startIndex + (start - buffer.readerIndex)
+        guard let newline = view[base..<(base + min(available, limit + 2))].firstIndex(of: UInt8(ascii: "\n")) else { return nil }
+        var length = newline - base
+        if length > 0, view[newline - 1] == UInt8(ascii: "\r") { length -= 1 }
+        return (length, start + (newline - base) + 1)
+    }
+
+    private func parseNumber(_ buffer: ByteBuffer, at start: Int, length: Int) -> Int64? {
+        guard length > 0, length <= 20, let bytes = buffer.getBytes(at: start, length: length) else { return nil }
+        var value: Int64 = 0
+        var negative = false
+        for (offset, byte) in bytes.enumerated() {
+            if offset == 0, byte == UInt8(ascii: "-") {
+                negative = true
+                continue
+            }
+            guard byte >= UInt8(ascii: "0"), byte <= UInt8(ascii: "9") else { return nil }
+            let (times, o1) = value.multipliedReportingOverflow(by: 10)
+            let (sum, o2) = times.addingReportingOverflow(Int64(byte - UInt8(ascii: "0")))
+            guard !o1, !o2 else { return nil }
+            value = sum
+        }
+        return negative ? -value : value
+    }
+
+    private func parseMultibulk(_ buffer: inout ByteBuffer) -> Outcome {
+        var position = buffer.readerIndex
+        guard let header = lineEnd(buffer, from: position, limit: limits.inlineLengthMax) else {
+            return buffer.readableBytes > limits.inlineLengthMax ? .error("ERR Protocol error: too big mbulk count string") : .needMoreData
+        }
+        guard let count = parseNumber(buffer, at: position + 1, length: header.length - 1), count <= Int64(limits.multibulkLengthMax) else {
+            return .error("ERR Protocol error: invalid multibulk length")
+        }
+        position = header.next
+        if count <= 0 {
+            buffer.moveReaderIndex(to: position)
+            return .request([])
+        }
+        var arguments: [[UInt8]] = []
+        arguments.reserveCapacity(Int(min(count, 1024)))
+        for _ in 0..<count {
+            guard let line = lineEnd(buffer, from: position, limit: 64) else {
+                return buffer.writerIndex - position > 66 ? .error("ERR Protocol error: too big bulk count string") : .needMoreData
+            }
+            guard let marker = buffer.getInteger(at: position, as: UInt8.self), marker == UInt8(ascii: "$") else {
+                let got = buffer.getInteger(at: position, as: UInt8.self).map { String(UnicodeScalar($0)) } ?? "?"
+                return .error("ERR Protocol error: expected '$', got '\(got)'")
+            }
+            guard let length = parseNumber(buffer, at: position + 1, length: line.length - 1), length >= 0,
+                  length <= Int64(limits.bulkLengthMax) else {
+                return .error("ERR Protocol error: invalid bulk length")
+            }
+            position = line.next
+            guard buffer.writerIndex - position >= Int(length) + 2 else { return .needMoreData }
+            arguments.append(buffer.getBytes(at: position, length: Int(length))!)
+            position += Int(length) + 2
+        }
+        buffer.moveReaderIndex(to: position)
+        return .request(arguments)
+    }
+
+    private func parseInline(_ buffer: inout ByteBuffer) -> Outcome {
+        guard let line = lineEnd(buffer, from: buffer.readerIndex, limit: limits.inlineLengthMax) else {
+            return buffer.readableBytes > limits.inlineLengthMax ? .error("ERR Protocol error: too big inline request") : .needMoreData
+        }
+        let bytes = buffer.getBytes(at: buffer.readerIndex, length: line.length) ?? []
+        buffer.moveReaderIndex(to: line.next)
+        guard let arguments = splitInline(bytes) else { return .error("ERR Protocol error: unbalanced quotes in request") }
+        return .request(arguments)
+    }
+}
+
+/// Splits an inline request into arguments as Redis's sdssplitargs does: spaces separate,
+/// "double quotes" take \n \r \t \b \a \\ \" and \xHH escapes, 'single quotes' take \'.
+func splitInline(_ line: [UInt8]) -> [[UInt8]]? {
+    var arguments: [[UInt8]] = []
+    var index = 0
+    func isSpace(_ byte: UInt8) -> Bool { byte == 32 || byte == 9 || byte == 10 || byte == 13 || byte == 11 || byte == 12 }
+    func hex(_ byte: UInt8) -> UInt8? {
+        switch byte {
+        case UInt8(ascii: "0")...UInt8(ascii: "9"): byte - UInt8(ascii: "0")
+        case UInt8(ascii: "a")...UInt8(ascii: "f"): byte - UInt8(ascii: "a") + 10
+        case UInt8(ascii: "A")...UInt8(ascii: "F"): byte - UInt8(ascii: "A") + 10
+        default: nil
+        }
+    }
+    while true {
+        while index < line.count, isSpace(line[index]) { index += 1 }
+        guard index < line.count else { return arguments }
+        var current: [UInt8] = []
+        var inDouble = false
+        var inSingle = false
+        var done = false
+        while !done {
+            if inDouble {
+                guard index < line.count else { return nil }
+                let byte = line[index]
+                if byte == UInt8(ascii: "\\"), index + 3 < line.count, line[index + 1] == UInt8(ascii: "x"),
+                   let high = hex(line[index + 2]), let low = hex(line[index + 3]) {
+                    current.append(high << 4 | low)
+                    index += 3
+                } else if byte == UInt8(ascii: "\\"), index + 1 < line.count {
+                    index += 1
+                    switch line[index] {
+                    case UInt8(ascii: "n"): current.append(10)
+                    case UInt8(ascii: "r"): current.append(13)
+                    case UInt8(ascii: "t"): current.append(9)
+                    case UInt8(ascii: "b"): current.append(8)
+                    case UInt8(ascii: "a"): current.append(7)
+                    default: current.append(line[index])
+                    }
+                } else if byte == UInt8(ascii: "\"") {
+                    // A closing quote must be followed by a space or the end.
+                    if index + 1 < line.count, !isSpace(line[index + 1]) { return nil }
+                    done = true
+                } else {
+                    current.append(byte)
+                }
+            } else if inSingle {
+                guard index < line.count else { return nil }
+                let byte = line[index]
+                if byte == UInt8(ascii: "\\"), index + 1 < line.count, line[index + 1] == UInt8(ascii: "'") {
+                    index += 1
+                    current.append(UInt8(ascii: "'"))
+                } else if byte == UInt8(ascii: "'") {
+                    if index + 1 < line.count, !isSpace(line[index + 1]) { return nil }
+                    done = true
+                } else {
+                    current.append(byte)
+                }
+            } else if index >= line.count || isSpace(line[index]) {
+                done = true
+            } else if line[index] == UInt8(ascii: "\"") {
+                inDouble = true
+            } else if line[index] == UInt8(ascii: "'") {
+                inSingle = true
+            } else {
+                current.append(line[index])
+            }
+            if index < line.count { index += 1 }
+        }
+        arguments.append(current)
+    }
+}

@@ -1,0 +1,65 @@
+// Replies on the wire: RESP2 (the default) or RESP3 (after HELLO 3).
+
+import KeelKV
+import NIOCore
+
+extension ByteBuffer {
+    /// Writes a reply in protocol version 2 or 3.
+    mutating func writeReply(_ reply: Reply, protocol version: Int) {
+        switch reply {
+        case .simple(let text):
+            writeStaticString("+")
+            writeString(text)
+            writeStaticString("\r\n")
+        case .error(let text):
+            writeStaticString("-")
+            writeString(text)
+            writeStaticString("\r\n")
+        case .integer(let value):
+            writeStaticString(":")
+            writeString(String(value))
+            writeStaticString("\r\n")
+        case .bulk(let bytes):
+            guard let bytes else {
+                if version >= 3 { writeStaticString("_\r\n") } else { writeStaticString("$-1\r\n") }
+                return
+            }
+            writeStaticString("$")
+            writeString(String(bytes.count))
+            writeStaticString("\r\n")
+            writeBytes(bytes)
+            writeStaticString("\r\n")
+        case .array(let items):
+            guard let items else {
+                if version >= 3 { writeStaticString("_\r\n") } else { writeStaticString("*-1\r\n") }
+                return
+            }
+            writeStaticString("*")
+            writeString(String(items.count))
+            writeStaticString("\r\n")
+            for item in items { writeReply(item, protocol: version) }
+        case .double(let value):
+            if version >= 3 {
+                writeStaticString(",")
+                writeString(value.isInfinite ? (value < 0 ? "-inf" : "inf") : formatFloat(value))
+                writeStaticString("\r\n")
+            } else {
+                writeReply(.bulk(formatFloat(value)), protocol: version)
+            }
+        case .map(let pairs):
+            if version >= 3 {
+                writeStaticString("%")
+                writeString(String(pairs.count))
+                writeStaticString("\r\n")
+            } else {
+                writeStaticString("*")
+                writeString(String(pairs.count * 2))
+                writeStaticString("\r\n")
+            }
+            for (key, value) in pairs {
+                writeReply(key, protocol: version)
+                writeReply(value, protocol: version)
+            }
+        }
+    }
+}

@@ -1,0 +1,65 @@
+// The settings of `keel serve`.
+
+import Keel
+import KeelCore
+import KeelStorage
+
+/// How `keel serve` runs.
+public struct ServerConfiguration: Sendable {
+    /// Where clients connect (127.0.0.1 unless told otherwise).
+    public var bind = "127.0.0.1"
+    public var port = 6379
+    public var dataDirectory = "./keel-data"
+    public var fsync = FsyncPolicy.always
+    /// Every command but AUTH, HELLO and QUIT needs this password, when set.
+    public var requirePassword: String?
+    /// The HTTP port for /metrics, /health and the status page; 0 turns it off.
+    public var httpPort = 0
+    /// Applied entries between checkpoints.
+    public var checkpointEntries: UInt64 = 100_000
+    public var limits = RESPLimits()
+    /// The most client connections at once.
+    public var maxClients = 10_000
+    /// This node, and for a cluster where every member listens for peers (this node included).
+    public var nodeID = NodeID(1)
+    public var peerPort = 16379
+    public var peers: [NodeID: PeerAddress] = [:]
+    public var clusterToken = "keel"
+    /// Join a running cluster (as a learner a member added) instead of founding one.
+    public var join = false
+    /// Milliseconds per Raft tick.
+    public var tickMilliseconds: Int64 = 50
+
+    public init() {}
+
+    /// The members this node starts with: the peers given, or just itself.
+    var members: [NodeID: PeerAddress] {
+        var members = peers
+        if members[nodeID] == nil { members[nodeID] = PeerAddress(host: bind, port: peerPort) }
+        return members
+    }
+
+    public func validate() throws(NodeError) {
+        guard (0...65535).contains(port) else { throw .invalidArgument("--port must be in 0...65535") }
+        guard (0...65535).contains(httpPort) else { throw .invalidArgument("--http-port must be in 0...65535") }
+        guard (1...65535).contains(peerPort) else { throw .invalidArgument("--peer-port must be in 1...65535") }
+        guard checkpointEntries >= 1 else { throw .invalidArgument("--checkpoint-entries must be at least 1") }
+        guard (1...1_000_000).contains(maxClients) else { throw .invalidArgument("--maxclients must be in 1...1000000") }
+        guard limits.bulkLengthMax >= 1, limits.multibulkLengthMax >= 1, limits.inlineLengthMax >= 16, limits.queryBufferMax >= 1024 else {
+            throw .invalidArgument("protocol limits are too small")
+        }
+        guard nodeID.rawValue != 0 else { throw .invalidArgument("--node-id 0 is reserved") }
+        if let password = requirePassword, password.isEmpty { throw .invalidArgument("--requirepass must not be empty") }
+    }
+
+    /// The node's settings.
+    func nodeConfiguration() -> NodeConfiguration {
+        var configuration = NodeConfiguration(node: nodeID, dataDirectory: dataDirectory, members: members, clusterToken: Array(clusterToken.utf8))
+        configuration.join = join
+        configuration.snapshotInterval = checkpointEntries
+        configuration.tickMilliseconds = tickMilliseconds
+        configuration.log.fsyncPolicy = fsync
+        configuration.allowUnsyncedLog = fsync != .always
+        return configuration
+    }
+}

@@ -1,0 +1,126 @@
+// `keel serve`: the Redis-protocol server. Flags, or the same names in a config file
+// (`--config FILE`, one "name value" per line, # comments); a flag wins over the file.
+
+import ArgumentParser
+import Dispatch
+import Foundation
+import Keel
+import KeelCore
+import KeelServer
+import KeelStorage
+import Logging
+
+struct Serve: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run a durable, strongly consistent key-value server that Redis clients speak to.",
+        discussion: """
+        With no arguments: one node on 127.0.0.1:6379, data in ./keel-data, fsync always.
+        A three-node cluster on one machine:
+          keel serve --port 6379 --node-id 1 --peer-port 16379 --data-dir d1 --peers 1=127.0.0.1:16379,2=127.0.0.1:16380,3=127.0.0.1:16381
+          keel serve --port 6380 --node-id 2 --peer-port 16380 --data-dir d2 --peers (the same)
+          keel serve --port 6381 --node-id 3 --peer-port 16381 --data-dir d3 --peers (the same)
+        """)
+
+    @Option(help: "A config file with the same names as the flags (\"port 6380\"); flags win.") var config: String?
+    @Option(help: "Address for clients (default 127.0.0.1).") var bind: String?
+    @Option(help: "Port for clients (default 6379).") var port: Int?
+    @Option(name: .customLong("data-dir"), help: "Data directory (default ./keel-data).") var dataDir: String?
+    @Option(help: "always (default), everysec or never.") var fsync: String?
+    @Option(help: "Password every command but AUTH, HELLO and QUIT needs.") var requirepass: String?
+    @Option(name: .customLong("http-port"), help: "HTTP port for /metrics, /health and the status page (0 turns it off; default 0).") var httpPort: Int?
+    @Option(name: .customLong("checkpoint-entries"), help: "Applied entries between checkpoints (default 100000).") var checkpointEntries: UInt64?
+    @Option(help: "Most client connections (default 10000).") var maxclients: Int?
+    @Option(name: .customLong("proto-max-bulk-len"), help: "Longest bulk string in bytes (default 536870912).") var protoMaxBulkLen: Int?
+    @Option(name: .customLong("client-query-buffer-limit"), help: "Most unparsed bytes per client (default 1073741824).") var queryBufferLimit: Int?
+    @Option(name: .customLong("node-id"), help: "This node's id in a cluster (default 1).") var nodeID: UInt64?
+    @Option(name: .customLong("peer-port"), help: "Port for the other nodes (default 16379).") var peerPort: Int?
+    @Option(help: "Every founding member as id=host:peerport, comma-separated (this node included).") var peers: String?
+    @Option(name: .customLong("cluster-token"), help: "A secret every peer presents (default \"keel\").") var clusterToken: String?
+    @Flag(help: "Join a running cluster: a member must have added this node (KEEL.MEMBER ADD); --peers lists members to reach.") var join = false
+
+    func validate() throws {
+        if let fsync, FsyncPolicy(rawValue: fsync) == nil { throw ValidationError("--fsync takes always, everysec or never") }
+    }
+
+    func run() async throws {
+        let file = try config.map(Self.readConfig) ?? [:]
+        func value(_ flag: String?, _ name: String) -> String? { flag ?? file[name] }
+        func number<T: FixedWidthInteger>(_ flag: T?, _ name: String) throws -> T? {
+            if let flag { return flag }
+            guard let text = file[name] else { return nil }
+            guard let parsed = T(text) else { throw ValidationError("\(name) in \(config ?? "") is not a number: \(text)") }
+            return parsed
+        }
+        var settings = ServerConfiguration()
+        settings.bind = value(bind, "bind") ?? settings.bind
+        settings.port = try number(port, "port") ?? settings.port
+        settings.dataDirectory = value(dataDir, "data-dir") ?? settings.dataDirectory
+        if let policy = value(fsync, "fsync") {
+            guard let parsed = FsyncPolicy(rawValue: policy) else { throw ValidationError("fsync takes always, everysec or never") }
+            settings.fsync = parsed
+        }
+        settings.requirePassword = value(requirepass, "requirepass")
+        settings.httpPort = try number(httpPort, "http-port") ?? settings.httpPort
+        settings.checkpointEntries = try number(checkpointEntries, "checkpoint-entries") ?? settings.checkpointEntries
+        settings.maxClients = try number(maxclients, "maxclients") ?? settings.maxClients
+        settings.limits.bulkLengthMax = try number(protoMaxBulkLen, "proto-max-bulk-len") ?? settings.limits.bulkLengthMax
+        settings.limits.queryBufferMax = try number(queryBufferLimit, "client-query-buffer-limit") ?? settings.limits.queryBufferMax
+        settings.nodeID = NodeID(try number(nodeID, "node-id") ?? 1)
+        settings.peerPort = try number(peerPort, "peer-port") ?? settings.peerPort
+        settings.clusterToken = value(clusterToken, "cluster-token") ?? settings.clusterToken
+        settings.join = join || file["join"] == "yes"
+        if let list = value(peers, "peers") {
+            for item in list.split(separator: ",") {
+                let parts = item.split(separator: "=", maxSplits: 1)
+                guard parts.count == 2, let id = UInt64(parts[0]), id > 0, let colon = parts[1].lastIndex(of: ":"),
+                      let port = Int(parts[1][parts[1].index(after: colon)...]), (1...65535).contains(port) else {
+                    throw ValidationError("--peers takes id=host:port items, comma-separated (got \(item))")
+                }
+                settings.peers[NodeID(id)] = PeerAddress(host: String(parts[1][..<colon]), port: port)
+            }
+            if let own = settings.peers[settings.nodeID], peerPort == nil, file["peer-port"] == nil { settings.peerPort = own.port }
+        }
+        if settings.join && settings.peers.isEmpty { throw ValidationError("--join needs --peers with the members to reach") }
+
+        var logger = Logger(label: "keel")
+        logger.logLevel = .notice
+        let server: KeelServer
+        do {
+            server = try await KeelServer.start(configuration: settings, logger: logger)
+        } catch {
+            FileHandle.standardError.write(Data("keel serve: \(error)\n".utf8))
+            throw ExitCode(1)
+        }
+        // SIGTERM and SIGINT: stop accepting, finish what is in flight, sync, close.
+        let stop = AsyncStream<Int32> { continuation in
+            for signal in [SIGTERM, SIGINT] {
+                Foundation.signal(signal, SIG_IGN)
+                let source = DispatchSource.makeSignalSource(signal: signal, queue: .global())
+                source.setEventHandler { continuation.yield(signal) }
+                source.resume()
+                Self.signalSources.append(source)
+            }
+        }
+        for await signal in stop {
+            logger.notice("keel serve: \(signal == SIGTERM ? "SIGTERM" : "SIGINT"), shutting down")
+            break
+        }
+        await server.shutdown()
+        logger.notice("keel serve: stopped")
+    }
+
+    nonisolated(unsafe) static var signalSources: [any DispatchSourceSignal] = []
+
+    static func readConfig(_ path: String) throws -> [String: String] {
+        guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { throw ValidationError("cannot read config file \(path)") }
+        var values: [String: String] = [:]
+        for (number, raw) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
+            let line = raw.trimmingCharacters(in: .whitespaces)
+            if line.isEmpty || line.hasPrefix("#") { continue }
+            let parts = line.split(separator: " ", maxSplits: 1).map { $0.trimmingCharacters(in: .whitespaces) }
+            guard parts.count == 2 else { throw ValidationError("\(path):\(number + 1): expected \"name value\"") }
+            values[parts[0].hasPrefix("--") ? String(parts[0].dropFirst(2)) : parts[0]] = parts[1]
+        }
+        return values
+    }
+}
