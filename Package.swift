@@ -125,6 +125,11 @@ let package = Package(
             swiftSettings: strict
         ),
         .testTarget(
+            name: "KeelKVTests",
+            dependencies: ["KeelKV", "KeelCore", "KeelStorage"],
+            swiftSettings: strict
+        ),
+        .testTarget(
             name: "KeelCoreTests",
             dependencies: ["KeelCore"],
             swiftSettings: strict
