@@ -129,6 +129,12 @@ let package = Package(
             dependencies: ["KeelKV", "KeelCore", "KeelStorage"],
             swiftSettings: strict
         ),
+        // Real `keel serve` processes driven by redis-cli, redis-py and redis-benchmark.
+        .testTarget(
+            name: "KeelServerTests",
+            exclude: ["python"],
+            swiftSettings: strict
+        ),
         .testTarget(
             name: "KeelCoreTests",
             dependencies: ["KeelCore"],

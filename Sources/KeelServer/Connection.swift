@@ -170,7 +170,7 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
             return write(.error("NOAUTH Authentication required."))
         }
         if transaction != nil, !["exec", "discard", "multi", "watch", "quit", "reset"].contains(name) {
-            return queue(name, rest)
+            return queue(name, rest, originalName: String(decoding: arguments[0], as: UTF8.self))
         }
         if kvCommandArity[name] != nil {
             return runKeyValue(name, rest)
@@ -178,13 +178,13 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
         runServerCommand(name, rest, original: arguments)
     }
 
-    private func queue(_ name: String, _ arguments: [[UInt8]]) {
+    private func queue(_ name: String, _ arguments: [[UInt8]], originalName: String) {
         guard let arity = kvCommandArity[name] else {
             transactionFailed = true
             if serverCommandNames.contains(name) {
                 return write(.error("ERR keel: only key-value commands can be queued in a transaction ('\(name)' cannot)"))
             }
-            return write(.error(unknownCommand(name, arguments)))
+            return write(.error(unknownCommand(originalName, arguments)))
         }
         let count = arguments.count + 1
         guard arity >= 0 ? count == arity : count >= -arity else {

@@ -50,6 +50,8 @@ public final class KeelServer: @unchecked Sendable {
         self.group = group
         self.node = node
         self.logger = logger
+        // As Redis: LASTSAVE starts at the start-up time.
+        stats.withLockedValue { $0.lastCheckpointUnixSeconds = Int64(Date().timeIntervalSince1970) }
     }
 
     /// Recovers the data directory, starts the node and listens for clients.

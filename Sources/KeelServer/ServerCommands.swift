@@ -21,7 +21,9 @@ let redisVersion = "7.0.0"
 
 extension RESPConnection {
     func runServerCommand(_ name: String, _ a: [[UInt8]], original: [[UInt8]]) {
-        guard let arity = serverCommandArity[name] else { return write(.error(unknownCommand(name, a))) }
+        guard let arity = serverCommandArity[name] else {
+            return write(.error(unknownCommand(String(decoding: original[0], as: UTF8.self), a)))
+        }
         let count = a.count + 1
         guard arity >= 0 ? count == arity : count >= -arity else {
             return write(.error("ERR wrong number of arguments for '\(name)' command"))

@@ -1,0 +1,208 @@
+import Foundation
+import Testing
+
+/// The directory with the built executables.
+func products() -> String {
+    if let override = ProcessInfo.processInfo.environment["KEEL_PRODUCTS_DIR"] { return override }
+    var url = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath()
+    while url.path != "/" {
+        url.deleteLastPathComponent()
+        if FileManager.default.isExecutableFile(atPath: url.appendingPathComponent("keel").path) { return url.path }
+    }
+    return FileManager.default.currentDirectoryPath + "/.build/debug"
+}
+
+/// The Python checks beside this file.
+let checks = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("python/redis_client_checks.py").path
+
+/// A free TCP port on 127.0.0.1.
+func freePort() -> Int {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    defer { close(fd) }
+    var address = sockaddr_in()
+    address.sin_family = sa_family_t(AF_INET)
+    address.sin_addr.s_addr = inet_addr("127.0.0.1")
+    address.sin_port = 0
+    _ = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+    var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+    _ = withUnsafeMutablePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) } }
+    return Int(UInt16(bigEndian: address.sin_port))
+}
+
+/// Runs a program to completion (off the test's thread pool) and returns its status and output.
+func runTool(_ path: String, _ arguments: [String], timeout: Double = 120) async -> (status: Int32, output: String) {
+    await withCheckedContinuation { continuation in
+        Thread.detachNewThread {
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: path)
+            process.arguments = arguments
+            let pipe = Pipe()
+            process.standardOutput = pipe
+            process.standardError = pipe
+            do { try process.run() } catch {
+                continuation.resume(returning: (-1, "cannot run \(path): \(error)"))
+                return
+            }
+            let timer = DispatchWorkItem { process.terminate() }
+            DispatchQueue.global().asyncAfter(deadline: .now() + timeout, execute: timer)
+            let data = pipe.fileHandleForReading.readDataToEndOfFile()
+            process.waitUntilExit()
+            timer.cancel()
+            continuation.resume(returning: (process.terminationStatus, String(decoding: data, as: UTF8.self)))
+        }
+    }
+}
+
+func which(_ tool: String) -> String {
+    for directory in (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin").split(separator: ":") {
+        let path = "\(directory)/\(tool)"
+        if FileManager.default.isExecutableFile(atPath: path) { return path }
+    }
+    return "/usr/bin/\(tool)"
+}
+
+/// A `keel serve` process.
+final class ServerProcess: @unchecked Sendable {
+    let port: Int
+    let directory: String
+    let arguments: [String]
+    private var process: Process?
+
+    init(directory: String, port: Int = freePort(), extra: [String] = []) {
+        self.port = port
+        self.directory = directory
+        arguments = ["serve", "--port", String(port), "--data-dir", directory] + extra
+    }
+
+    func start() async throws {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: products() + "/keel")
+        process.arguments = arguments
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        self.process = process
+        for _ in 0..<500 {
+            let answer = await runTool(which("redis-cli"), ["-p", String(port), "ping"], timeout: 5).output
+            if answer.contains("PONG") || answer.contains("NOAUTH") { return }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        Issue.record("keel serve on port \(port) did not answer PING")
+    }
+
+    var pid: Int32 { process?.processIdentifier ?? 0 }
+
+    func kill9() async {
+        guard let process else { return }
+        kill(process.processIdentifier, SIGKILL)
+        while process.isRunning { try? await Task.sleep(for: .milliseconds(10)) }
+    }
+
+    /// SIGTERM, then waits for the exit; its status.
+    func stop() async -> Int32 {
+        guard let process, process.isRunning else { return process?.terminationStatus ?? 0 }
+        kill(process.processIdentifier, SIGTERM)
+        for _ in 0..<1000 where process.isRunning { try? await Task.sleep(for: .milliseconds(10)) }
+        if process.isRunning { await kill9() }
+        return process.terminationStatus
+    }
+
+    func cli(_ words: String...) async -> String {
+        await runTool(which("redis-cli"), ["-p", String(port)] + words, timeout: 20).output.trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+}
+
+func temporaryDirectory(_ name: String) -> String {
+    NSTemporaryDirectory() + "keel-serve-\(name)-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+}
+
+@Suite("keel serve, a real process, with real clients", .serialized)
+struct ServerProcessTests {
+    @Test("redis-cli: replies, errors, inline use, and the state after a restart")
+    func redisCLI() async throws {
+        let directory = temporaryDirectory("cli")
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let server = ServerProcess(directory: directory)
+        try await server.start()
+        #expect(await server.cli("PING") == "PONG")
+        #expect(await server.cli("SET", "name", "keel") == "OK")
+        #expect(await server.cli("GET", "name") == "keel")
+        #expect(await server.cli("INCR", "visits") == "1")
+        #expect(await server.cli("SET", "session", "x", "EX", "100") == "OK")
+        #expect(await server.cli("TTL", "session") == "100")
+        #expect(await server.cli("NOSUCH", "a").hasPrefix("ERR unknown command 'NOSUCH'"))
+        #expect(await server.cli("GET").hasPrefix("ERR wrong number of arguments for 'get' command"))
+        #expect(await server.cli("SELECT", "16") == "ERR DB index is out of range")
+        #expect(await server.cli("INFO", "keel").contains("keel_role:leader"))
+        #expect(await server.stop() == 0, "SIGTERM stops it cleanly")
+        try await server.start()
+        #expect(await server.cli("GET", "name") == "keel", "the data survived the restart")
+        #expect(await server.cli("INCR", "visits") == "2")
+        let ttl = Int(await server.cli("TTL", "session")) ?? -2
+        #expect((1...100).contains(ttl), "the expiry survived as an absolute time (\(ttl))")
+        _ = await server.stop()
+    }
+
+    @Test("redis-py over RESP2 and RESP3, malformed protocol on raw sockets, and requirepass")
+    func redisPy() async throws {
+        let directory = temporaryDirectory("py")
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let server = ServerProcess(directory: directory)
+        try await server.start()
+        for protocolVersion in ["2", "3"] {
+            let result = await runTool(which("python3"), [checks, "basic", String(server.port), protocolVersion])
+            #expect(result.status == 0 && result.output.contains("ok"), "redis-py RESP\(protocolVersion): \(result.output)")
+        }
+        let malformed = await runTool(which("python3"), [checks, "malformed", String(server.port)])
+        #expect(malformed.status == 0, "malformed protocol: \(malformed.output)")
+        #expect(await server.cli("PING") == "PONG", "the server still serves")
+        _ = await server.stop()
+        let secured = ServerProcess(directory: directory + "-auth", extra: ["--requirepass", "s3cret"])
+        defer { try? FileManager.default.removeItem(atPath: directory + "-auth") }
+        try await secured.start()
+        let auth = await runTool(which("python3"), [checks, "auth", String(secured.port), "s3cret"])
+        #expect(auth.status == 0, "requirepass: \(auth.output)")
+        _ = await secured.stop()
+    }
+
+    @Test("redis-benchmark as a smoke load: every request answered, nothing refused")
+    func redisBenchmark() async throws {
+        let directory = temporaryDirectory("bench")
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let server = ServerProcess(directory: directory)
+        try await server.start()
+        let result = await runTool(which("redis-benchmark"), ["-p", String(server.port), "-t", "set,get,incr,mset", "-n", "5000", "-c", "20",
+                                                             "-r", "1000", "-P", "4", "-q"])
+        #expect(result.status == 0, "\(result.output)")
+        for test in ["SET", "GET", "INCR", "MSET"] {
+            #expect(result.output.contains("\(test)") && result.output.contains("requests per second"), "\(test) ran: \(result.output)")
+        }
+        #expect(!result.output.contains("ERR"), "\(result.output)")
+        #expect(Int(await server.cli("DBSIZE")) ?? 0 > 0)
+        _ = await server.stop()
+    }
+
+    @Test("SIGKILL under redis-benchmark load, then a restart: every acknowledged SET is there")
+    func killUnderLoad() async throws {
+        let directory = temporaryDirectory("kill")
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let server = ServerProcess(directory: directory)
+        try await server.start()
+        async let load = runTool(which("redis-benchmark"), ["-p", String(server.port), "-t", "set", "-n", "1000000", "-c", "20", "-r", "100000", "-q"],
+                                 timeout: 30)
+        async let writes = runTool(which("python3"), [checks, "writer", String(server.port)], timeout: 60)
+        try await Task.sleep(for: .milliseconds(1500))
+        await server.kill9()
+        let written = await writes
+        _ = await load
+        let acknowledged = written.output.split(separator: "\n").filter { Int($0) != nil }
+        #expect(acknowledged.count > 10, "the writer got acknowledgements before the kill (\(acknowledged.count))")
+        let list = directory + "-acknowledged"
+        try written.output.write(toFile: list, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(atPath: list) }
+        try await server.start()
+        let verified = await runTool(which("python3"), [checks, "verify", list, String(server.port)])
+        #expect(verified.status == 0, "after the restart: \(verified.output)")
+        _ = await server.stop()
+    }
+}

@@ -1,0 +1,219 @@
+#!/usr/bin/env python3
+"""Checks run by KeelServerTests against a real `keel serve`, with redis-py and raw sockets.
+
+usage:
+  redis_client_checks.py basic PORT PROTOCOL        commands and replies through redis-py (RESP2 or RESP3)
+  redis_client_checks.py malformed PORT             protocol errors on raw sockets
+  redis_client_checks.py auth PORT PASSWORD         requirepass
+  redis_client_checks.py writer PORT...             SET w:<i> <i> in order through any port; prints i once acknowledged
+  redis_client_checks.py verify FILE PORT...        every acknowledged key (numbers in FILE) is present, read linearizably
+Exits 0 when every check passes; prints the failing check and exits 1 otherwise.
+"""
+import socket
+import sys
+import time
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+
+def check(condition, what):
+    if not condition:
+        print("FAILED:", what, flush=True)
+        sys.exit(1)
+
+
+def basic(port, protocol):
+    r = redis.Redis(port=port, protocol=protocol, decode_responses=True)
+    r.flushall()
+    check(r.ping() is True, "PING")
+    check(r.set("greeting", "hello") is True, "SET")
+    check(r.get("greeting") == "hello", "GET")
+    check(r.set("greeting", "x", nx=True) is None, "SET NX on an existing key")
+    check(r.set("counter", 10) and r.incr("counter") == 11 and r.decrby("counter", 5) == 6, "INCR/DECRBY")
+    check(r.incrbyfloat("float", 2.5) == 2.5, "INCRBYFLOAT")
+    check(r.append("greeting", " world") == 11 and r.strlen("greeting") == 11, "APPEND/STRLEN")
+    check(r.getrange("greeting", 0, 4) == "hello", "GETRANGE")
+    check(r.mset({"a": "1", "b": "2"}) is True and r.mget("a", "b", "nope") == ["1", "2", None], "MSET/MGET")
+    check(r.expire("a", 100) is True and 99 <= r.ttl("a") <= 100, "EXPIRE/TTL")
+    check(r.pexpire("b", 100000) and 99000 <= r.pttl("b") <= 100000, "PEXPIRE/PTTL")
+    check(r.persist("a") is True and r.ttl("a") == -1, "PERSIST")
+    r.set("short", "v", px=50)
+    time.sleep(0.2)
+    check(r.get("short") is None, "a key expires")
+    check(r.exists("a", "b", "nope") == 2, "EXISTS")
+    check(r.type("a") in ("string", b"string"), "TYPE")
+    check(r.rename("a", "a2") is True and r.get("a2") == "1", "RENAME")
+    check(r.copy("a2", "a3") is True and r.get("a3") == "1", "COPY")
+    check(sorted(r.keys("a*")) == ["a2", "a3"], "KEYS")
+    check(sorted(r.scan_iter(match="a*", count=2)) == ["a2", "a3"], "SCAN")
+    check(r.dbsize() == len(r.keys("*")), "DBSIZE")
+    check(r.delete("a2", "a3", "nope") == 2, "DEL")
+    check(r.getdel("b") == "2" and r.get("b") is None, "GETDEL")
+    check(r.set("binary", b"\x00\xff\r\n") and redis.Redis(port=port, protocol=protocol).get("binary") == b"\x00\xff\r\n", "binary-safe values")
+    # Databases
+    r3 = redis.Redis(port=port, protocol=protocol, db=3, decode_responses=True)
+    r3.set("in3", "x")
+    check(r.get("in3") is None and r3.get("in3") == "x", "SELECT keeps databases apart")
+    check(r.swapdb(0, 3) is True and r.get("in3") == "x", "SWAPDB")
+    r.swapdb(0, 3)
+    # Transactions
+    pipe = r.pipeline(transaction=True)
+    pipe.set("t", "1").incr("t").get("t")
+    check(pipe.execute() == [True, 2, "2"], "MULTI/EXEC")
+    with r.pipeline() as pipe:
+        pipe.watch("t")
+        other = redis.Redis(port=port, protocol=protocol)
+        other.set("t", "changed")
+        pipe.multi()
+        pipe.set("t", "mine")
+        try:
+            pipe.execute()
+            check(False, "WATCH: a changed key aborts EXEC")
+        except redis.WatchError:
+            pass
+    check(r.get("t") == "changed", "the aborted transaction changed nothing")
+    # Errors keep the connection open
+    try:
+        r.execute_command("NOSUCHCOMMAND", "x")
+        check(False, "unknown command")
+    except redis.ResponseError as error:
+        check("unknown command" in str(error), "unknown command text: %s" % error)
+    r.set("text", "abc")
+    try:
+        r.incr("text")
+        check(False, "INCR on text")
+    except redis.ResponseError as error:
+        check("not an integer" in str(error), "INCR error text")
+    check(r.ping(), "the connection stays open after errors")
+    # Introspection
+    info = r.info("keel")
+    check(info.get("keel_role") == "leader" and int(info.get("keel_commit_index")) > 0, "INFO keel: %s" % info)
+    check("redis_version" in r.info("server"), "INFO server")
+    check(r.client_setname("checker") and r.client_getname() == "checker", "CLIENT SETNAME/GETNAME")
+    check(isinstance(r.client_id(), int), "CLIENT ID")
+    check("checker" in str(r.client_list()), "CLIENT LIST")
+    check(r.config_get("appendfsync").get("appendfsync") in ("always", "everysec", "never"), "CONFIG GET")
+    check(len(r.time()) == 2, "TIME")
+    check(r.echo("hi") == "hi", "ECHO")
+    check(r.command_count() > 40, "COMMAND COUNT")
+    check(r.lastsave() is not None, "LASTSAVE")
+    check(r.save() is True, "SAVE")
+    check(r.execute_command("WAIT", 0, 100) == 0, "WAIT on one node")
+    check(r.execute_command("READONLY") in ("OK", True) and r.get("t") == "changed", "READONLY reads")
+    check(r.execute_command("READWRITE") in ("OK", True), "READWRITE")
+    r.flushall()
+    check(r.dbsize() == 0, "FLUSHALL")
+    print("ok", flush=True)
+
+
+def raw(port, payload, wait=0.3):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(payload)
+    s.settimeout(wait)
+    data = b""
+    closed = False
+    try:
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                closed = True
+                break
+            data += chunk
+    except socket.timeout:
+        pass
+    s.close()
+    return data, closed
+
+
+def malformed(port):
+    data, closed = raw(port, b"PING\r\n")
+    check(data == b"+PONG\r\n" and not closed, "inline PING: %r" % data)
+    data, closed = raw(port, b'SET "a b" \'c d\'\r\nGET "a b"\r\n')
+    check(data == b"+OK\r\n$3\r\nc d\r\n", "inline quoting: %r" % data)
+    data, closed = raw(port, b"*2\r\n$4\r\nECHO\r\n$2\r\nhi\r\n*1\r\n$4\r\nPING\r\n")
+    check(data == b"$2\r\nhi\r\n+PONG\r\n", "pipelined multibulk: %r" % data)
+    data, closed = raw(port, b"*1\r\n:4\r\nPING\r\n")
+    check(data.startswith(b"-ERR Protocol error: expected '$', got ':'") and closed, "expected $: %r" % data)
+    data, closed = raw(port, b"*1\r\n$999999999999\r\n")
+    check(data.startswith(b"-ERR Protocol error: invalid bulk length") and closed, "bulk length: %r" % data)
+    data, closed = raw(port, b"*99999999999\r\n")
+    check(data.startswith(b"-ERR Protocol error: invalid multibulk length") and closed, "multibulk length: %r" % data)
+    data, closed = raw(port, b'SET "unbalanced\r\n')
+    check(data.startswith(b"-ERR Protocol error: unbalanced quotes") and closed, "unbalanced quotes: %r" % data)
+    data, closed = raw(port, b"A" * (70 * 1024))
+    check(data.startswith(b"-ERR Protocol error: too big inline request") and closed, "inline limit: %r" % data[:80])
+    data, closed = raw(port, b"*1\r\n$4\r\nPI")
+    check(data == b"" and not closed, "a partial request waits")
+    data, closed = raw(port, b"WRONG\r\n")
+    check(data.startswith(b"-ERR unknown command 'WRONG'") and not closed, "unknown command keeps the connection: %r" % data)
+    data, closed = raw(port, b"*3\r\n$3\r\nGET\r\n$1\r\na\r\n$1\r\nb\r\n")
+    check(data == b"-ERR wrong number of arguments for 'get' command\r\n" and not closed, "arity: %r" % data)
+    data, closed = raw(port, b"HELLO 3\r\nGET nothing\r\nHELLO 4\r\n")
+    check(b"%7\r\n" in data and b"_\r\n" in data and b"-NOPROTO" in data, "HELLO 3 and RESP3 null: %r" % data)
+    data, closed = raw(port, b"QUIT\r\nPING\r\n")
+    check(data == b"+OK\r\n" and closed, "QUIT closes: %r" % data)
+    print("ok", flush=True)
+
+
+def auth(port, password):
+    data, closed = raw(port, b"GET a\r\nAUTH wrong\r\nAUTH " + password.encode() + b"\r\nPING\r\n")
+    check(data == b"-NOAUTH Authentication required.\r\n-WRONGPASS invalid username-password pair or user is disabled.\r\n+OK\r\n+PONG\r\n",
+          "requirepass: %r" % data)
+    r = redis.Redis(port=port, password=password, decode_responses=True)
+    check(r.set("k", "v") and r.get("k") == "v", "redis-py with a password")
+    r3 = redis.Redis(port=port, password=password, protocol=3, decode_responses=True)
+    check(r3.get("k") == "v", "HELLO 3 AUTH")
+    print("ok", flush=True)
+
+
+def writer(ports, limit=None):
+    """Writes until `limit` writes (or, without one, until 40 failures in a row)."""
+    clients = [redis.Redis(port=p, socket_timeout=3, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0)) for p in ports]
+    i = 0
+    failures = 0
+    while failures < 20 and (limit is None or i < limit):
+        i += 1
+        try:
+            clients[i % len(clients)].set("w:%d" % i, str(i))
+            print(i, flush=True)
+            failures = 0
+        except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
+            # Its outcome is unknown: never counted as acknowledged, and the key is never reused.
+            failures += 1
+            time.sleep(0.05)
+
+
+def verify(path, ports):
+    acknowledged = [int(line) for line in open(path) if line.strip().isdigit()]
+    check(acknowledged, "the writer acknowledged something")
+    for port in ports:
+        r = redis.Redis(port=port, decode_responses=True)
+        for attempt in range(200):
+            try:
+                values = r.mget(["w:%d" % i for i in acknowledged])
+                break
+            except (redis.ConnectionError, redis.ResponseError, redis.TimeoutError):
+                time.sleep(0.1)
+        else:
+            check(False, "port %d answers" % port)
+        missing = [i for i, value in zip(acknowledged, values) if value != str(i)]
+        check(not missing, "port %d lost acknowledged writes: %s" % (port, missing[:10]))
+    print("ok %d" % len(acknowledged), flush=True)
+
+
+if __name__ == "__main__":
+    command = sys.argv[1]
+    if command == "basic":
+        basic(int(sys.argv[2]), int(sys.argv[3]))
+    elif command == "malformed":
+        malformed(int(sys.argv[2]))
+    elif command == "auth":
+        auth(int(sys.argv[2]), sys.argv[3])
+    elif command == "writer":
+        writer([int(p) for p in sys.argv[2:]])
+    elif command == "verify":
+        verify(sys.argv[2], [int(p) for p in sys.argv[3:]])
+    else:
+        sys.exit("unknown command " + command)
