@@ -206,3 +206,43 @@ struct ServerProcessTests {
         _ = await server.stop()
     }
 }
+
+extension ServerProcessTests {
+    @Test("a three-node cluster driven through redis-py while its leader is SIGKILLed: no acknowledged write lost")
+    func clusterLeaderKilled() async throws {
+        let base = temporaryDirectory("cluster")
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        let peerPorts = (0..<3).map { _ in freePort() }
+        let peers = peerPorts.enumerated().map { "\($0.offset + 1)=127.0.0.1:\($0.element)" }.joined(separator: ",")
+        let servers = (0..<3).map { i in
+            ServerProcess(directory: "\(base)/node\(i + 1)", extra: ["--node-id", String(i + 1), "--peer-port", String(peerPorts[i]), "--peers", peers])
+        }
+        for server in servers { try await server.start() }
+        func leader(among candidates: [ServerProcess]) async -> ServerProcess? {
+            for _ in 0..<300 {
+                for server in candidates where await server.cli("INFO", "keel").contains("keel_role:leader") { return server }
+                try? await Task.sleep(for: .milliseconds(50))
+            }
+            return nil
+        }
+        let first = try #require(await leader(among: servers))
+        let ports = servers.map { String($0.port) }
+        async let writes = runTool(which("python3"), [checks, "writer-limit", "600"] + ports, timeout: 120)
+        try await Task.sleep(for: .milliseconds(1000))
+        await first.kill9()
+        let survivors = servers.filter { $0 !== first }
+        let second = await leader(among: survivors)
+        #expect(second != nil, "the survivors elected a leader")
+        let written = await writes
+        let acknowledged = written.output.split(separator: "\n").compactMap { Int($0) }
+        #expect(acknowledged.count > 300, "writes went on through the survivors (\(acknowledged.count) of 600 acknowledged)")
+        let list = base + "-acknowledged"
+        try written.output.write(toFile: list, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(atPath: list) }
+        try await first.start()
+        let verified = await runTool(which("python3"), [checks, "verify", list] + ports)
+        #expect(verified.status == 0, "on every node, the restarted one included: \(verified.output)")
+        #expect(await first.cli("INFO", "keel").contains("keel_members:1,2,3"))
+        for server in servers { _ = await server.stop() }
+    }
+}

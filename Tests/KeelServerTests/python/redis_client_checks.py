@@ -6,6 +6,7 @@ usage:
   redis_client_checks.py malformed PORT             protocol errors on raw sockets
   redis_client_checks.py auth PORT PASSWORD         requirepass
   redis_client_checks.py writer PORT...             SET w:<i> <i> in order through any port; prints i once acknowledged
+  redis_client_checks.py writer-limit N PORT...     the same for N writes
   redis_client_checks.py verify FILE PORT...        every acknowledged key (numbers in FILE) is present, read linearizably
 Exits 0 when every check passes; prints the failing check and exits 1 otherwise.
 """
@@ -213,6 +214,8 @@ if __name__ == "__main__":
         auth(int(sys.argv[2]), sys.argv[3])
     elif command == "writer":
         writer([int(p) for p in sys.argv[2:]])
+    elif command == "writer-limit":
+        writer([int(p) for p in sys.argv[3:]], limit=int(sys.argv[2]))
     elif command == "verify":
         verify(sys.argv[2], [int(p) for p in sys.argv[3:]])
     else:
