@@ -44,7 +44,7 @@ let package = Package(
             dependencies: ["KeelCore", "KeelRaft"],
             swiftSettings: strict
         ),
-        // The runtime and public API (the node issue); for now the peer wire format and frame codec.
+        // The node: Raft on the storage engine, the peer transport, the public Swift API.
         .target(
             name: "Keel",
             dependencies: [
@@ -54,6 +54,7 @@ let package = Package(
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "Collections", package: "swift-collections"),
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict

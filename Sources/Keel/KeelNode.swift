@@ -26,6 +26,7 @@
 // Membership: a change's entry carries the member's peer address (ChangeContext), so every node
 // learns where a new member listens from the log; snapshots carry the addresses too.
 
+import DequeModule
 import Dispatch
 import KeelCore
 import KeelRaft
@@ -72,6 +73,10 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     /// restart at 1 after a restart).
     private let run = UInt64.random(in: 1...UInt64.max)
     private var writes: [UInt64: EventLoopPromise<[UInt8]>] = [:]
+    /// When each proposal and read times out, in request order (so in deadline order); the
+    /// ticker fails the expired ones (one scheduled task per request would cost a timer-heap
+    /// insertion each).
+    private var deadlines = Deque<(deadline: NIODeadline, request: UInt64)>()
     /// Proposals not yet handed to Raft (see `startProposal`).
     private var proposalBuffer: [(data: [UInt8], request: UInt64)] = []
     /// The leader each proposal and read was handed to (this node, or the one it forwarded to).
@@ -360,10 +365,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         nextRequest += 1
         writes[request] = promise
         proposalBuffer.append((CommandRecord.encode(tag(request), command: command), request))
-        loop.scheduleTask(in: .milliseconds(configuration.requestTimeoutMilliseconds)) {
-            self.writes.removeValue(forKey: request)?.fail(NodeError.timedOut)
-            self.handedTo[request] = nil
-        }
+        deadlines.append((NIODeadline.now() + .milliseconds(configuration.requestTimeoutMilliseconds), request))
         // Proposals that arrive while a write is in flight wait here and go to Raft together, as
         // one batch (one AppendEntries per follower) when the next Ready is taken.
         if !persisting { process() }
@@ -409,10 +411,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         }
         reads[request] = promise
         if let leader = raft.leader { handedTo[request] = leader }
-        loop.scheduleTask(in: .milliseconds(configuration.requestTimeoutMilliseconds)) {
-            self.reads.removeValue(forKey: request)?.fail(NodeError.timedOut)
-            self.handedTo[request] = nil
-        }
+        deadlines.append((NIODeadline.now() + .milliseconds(configuration.requestTimeoutMilliseconds), request))
         process()
     }
 
@@ -479,6 +478,13 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     private func tick() {
         guard stopped == nil, !closing else { return }
         ticks += 1
+        let now = NIODeadline.now()
+        while let first = deadlines.first, first.deadline <= now {
+            deadlines.removeFirst()
+            writes.removeValue(forKey: first.request)?.fail(NodeError.timedOut)
+            reads.removeValue(forKey: first.request)?.fail(NodeError.timedOut)
+            handedTo[first.request] = nil
+        }
         raft.tick()
         maybePromoteLearner()
         if storage.damagedSnapshot != nil { maybeSnapshot() }
