@@ -209,11 +209,25 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
                 server.stats.withLockedValue { $0.commandsProcessed += 1 }
                 group.append(.command(database: database, name: next.name, arguments: next.arguments))
             }
-            let futures = group.map { entry in
-                server.node.proposeFuture(entry.encoded(now: now)).map { Reply(decoding: $0) }
-                    .recover { .error(RESPConnection.describe($0)) }
+            if group.count == 1 {
+                answerLater(server.node.proposeFuture(group[0].encoded(now: now)).map { [Reply(decoding: $0)] }
+                    .recover { [.error(RESPConnection.describe($0))] })
+                return
             }
-            answerLater(EventLoopFuture.whenAllSucceed(futures, on: context!.eventLoop))
+            // Pipelined writes travel as one log entry (applied together, in order: a stronger
+            // guarantee than Redis gives them, at a fraction of the cost per command).
+            let commands = group.compactMap { entry -> KVEntry.QueuedCommand? in
+                guard case .command(let database, let name, let arguments) = entry else { return nil }
+                return KVEntry.QueuedCommand(database: database, name: name, arguments: arguments)
+            }
+            let count = commands.count
+            let batch = KVEntry.transaction(watched: [], commands: commands).encoded(now: now)
+            answerLater(server.node.proposeFuture(batch).map { bytes -> [Reply] in
+                guard case .array(let replies?) = Reply(decoding: bytes), replies.count == count else {
+                    return Array(repeating: .error("ERR keel: internal: a batch's reply did not match it"), count: count)
+                }
+                return replies
+            }.recover { error in Array(repeating: .error(RESPConnection.describe(error)), count: count) })
         } else {
             var group = [command]
             while group.count < 1024, let next = nextKeyValue(now: now), !next.command.isWrite {
