@@ -239,6 +239,9 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     /// The event loop the node runs on.
     public var eventLoop: any EventLoop { loop }
 
+    /// fdatasync calls and bytes written by this node's log since it opened (thread-safe).
+    public var logStatistics: (syncs: UInt64, bytesWritten: UInt64) { (storage.log.syncCount, storage.log.bytesWritten) }
+
     /// Runs `body` on the state machine at the chosen consistency and returns its result.
     ///
     /// - `.linearizable` (the default) sees every write acknowledged before the call, on any node;

@@ -26,6 +26,8 @@ struct ClientInfo: Sendable {
     var protocolVersion: Int
 }
 
+enum CommandKind { case read, write }
+
 final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
     // @unchecked Sendable: every field is touched only on the channel's event loop.
     typealias InboundIn = RESPRequest
@@ -131,10 +133,18 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
         context?.close(promise: nil)
     }
 
-    /// Runs work that answers later; requests behind it wait.
-    func answerLater(_ future: EventLoopFuture<[Reply]>) {
+    /// Runs work that answers later; requests behind it wait. Key-value commands record their
+    /// latency (`kind`) for /metrics.
+    func answerLater(_ future: EventLoopFuture<[Reply]>, kind: CommandKind? = nil) {
         busy = true
+        let started = NIODeadline.now()
         future.hop(to: context!.eventLoop).whenComplete { result in
+            if let kind, case .success(let replies) = result {
+                let seconds = Double((NIODeadline.now() - started).nanoseconds) / 1e9
+                self.server.stats.withLockedValue {
+                    if kind == .write { $0.writeLatency.record(seconds, times: replies.count) } else { $0.readLatency.record(seconds, times: replies.count) }
+                }
+            }
             self.busy = false
             switch result {
             case .success(let replies): replies.forEach(self.write)
@@ -211,7 +221,7 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
             }
             if group.count == 1 {
                 answerLater(server.node.proposeFuture(group[0].encoded(now: now)).map { [Reply(decoding: $0)] }
-                    .recover { [.error(RESPConnection.describe($0))] })
+                    .recover { [.error(RESPConnection.describe($0))] }, kind: .write)
                 return
             }
             // Pipelined writes travel as one log entry (applied together, in order: a stronger
@@ -227,7 +237,7 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
                     return Array(repeating: .error("ERR keel: internal: a batch's reply did not match it"), count: count)
                 }
                 return replies
-            }.recover { error in Array(repeating: .error(RESPConnection.describe(error)), count: count) })
+            }.recover { error in Array(repeating: .error(RESPConnection.describe(error)), count: count) }, kind: .write)
         } else {
             var group = [command]
             while group.count < 1024, let next = nextKeyValue(now: now), !next.command.isWrite {
@@ -246,7 +256,7 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
                 if !expired.isEmpty { Task { await server.deleteExpired(expired) } }
                 return results.map(\.0)
             }
-            answerLater(future)
+            answerLater(future, kind: .read)
         }
     }
 

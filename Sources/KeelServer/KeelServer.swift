@@ -27,6 +27,8 @@ struct ServerStats {
     var expiredKeys = 0
     var lastCheckpointUnixSeconds: Int64 = 0
     var checkpointsTaken = 0
+    var writeLatency = LatencyHistogram()
+    var readLatency = LatencyHistogram()
 }
 
 /// A running server.
@@ -41,6 +43,9 @@ public final class KeelServer: @unchecked Sendable {
     let clients = NIOLockedValueBox([UInt64: ClientInfo]())
     private let nextClient = NIOLockedValueBox<UInt64>(1)
     private var channel: (any Channel)?
+    private var httpChannel: (any Channel)?
+    /// The HTTP port, when HTTP is on.
+    public private(set) var localHTTPPort = 0
     private var sweeper: RepeatedTask?
     /// The address clients connect to (the port chosen when `port` was 0).
     public private(set) var localPort = 0
@@ -85,6 +90,18 @@ public final class KeelServer: @unchecked Sendable {
             try? await group.shutdownGracefully()
             throw error
         }
+        if configuration.httpPort > 0 {
+            do {
+                let http = try await server.startHTTP(port: configuration.httpPort)
+                server.httpChannel = http
+                server.localHTTPPort = http.localAddress?.port ?? configuration.httpPort
+            } catch {
+                try? await server.channel?.close()
+                await node.shutdown()
+                try? await group.shutdownGracefully()
+                throw error
+            }
+        }
         server.startSweeper()
         logger.notice("keel serve: node \(configuration.nodeID.rawValue) listening for clients on \(configuration.bind):\(server.localPort), data in \(configuration.dataDirectory), fsync \(configuration.fsync.rawValue)")
         return server
@@ -94,6 +111,7 @@ public final class KeelServer: @unchecked Sendable {
     public func shutdown() async {
         sweeper?.cancel()
         try? await channel?.close()
+        try? await httpChannel?.close()
         // Requests in flight finish (or fail with shuttingDown) inside node.shutdown().
         await node.shutdown()
         try? await group.shutdownGracefully()

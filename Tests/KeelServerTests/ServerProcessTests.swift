@@ -246,3 +246,26 @@ extension ServerProcessTests {
         for server in servers { _ = await server.stop() }
     }
 }
+
+extension ServerProcessTests {
+    @Test("HTTP: /health, /metrics in the Prometheus text format, and the status page rendered by a headless browser")
+    func http() async throws {
+        let directory = temporaryDirectory("http")
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let httpPort = freePort()
+        let server = ServerProcess(directory: directory, extra: ["--http-port", String(httpPort)])
+        try await server.start()
+        let checked = await runTool(which("python3"), [checks, "http", String(server.port), String(httpPort)])
+        #expect(checked.status == 0, "\(checked.output)")
+        // A real browser renders the page: the DOM it builds shows the node leading and its member row.
+        let browser = ["chromium", "chromium-browser", "google-chrome"].map(which).first { FileManager.default.isExecutableFile(atPath: $0) }
+        let chromium = try #require(browser, "a headless browser (chromium) is installed (.ci/run installs it)")
+        let profile = directory + "-browser"
+        defer { try? FileManager.default.removeItem(atPath: profile) }
+        let dom = await runTool(chromium, ["--headless", "--no-sandbox", "--disable-gpu", "--user-data-dir=\(profile)", "--dump-dom",
+                                           "http://127.0.0.1:\(httpPort)/"], timeout: 60)
+        #expect(dom.output.contains("<b id=\"role\">leader</b>"), "rendered: \(dom.output.prefix(600))")
+        #expect(dom.output.contains("<tr id=\"member-1\">"), "the member table")
+        _ = await server.stop()
+    }
+}

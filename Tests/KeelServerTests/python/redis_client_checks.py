@@ -8,6 +8,7 @@ usage:
   redis_client_checks.py writer PORT...             SET w:<i> <i> in order through any port; prints i once acknowledged
   redis_client_checks.py writer-limit N PORT...     the same for N writes
   redis_client_checks.py verify FILE PORT...        every acknowledged key (numbers in FILE) is present, read linearizably
+  redis_client_checks.py http PORT HTTPPORT         /health, /metrics (Prometheus text format), the status page, 404
 Exits 0 when every check passes; prints the failing check and exits 1 otherwise.
 """
 import socket
@@ -204,6 +205,46 @@ def verify(path, ports):
     print("ok %d" % len(acknowledged), flush=True)
 
 
+def http_checks(port, http_port):
+    import json
+    import re
+    import urllib.error
+    import urllib.request
+    r = redis.Redis(port=port, decode_responses=True)
+    r.set("m", "1")
+    r.get("m")
+    base = "http://127.0.0.1:%d" % http_port
+    health = json.loads(urllib.request.urlopen(base + "/health").read())
+    check(health["status"] == "ok" and health["role"] == "leader" and health["leader"] == 1, "/health: %s" % health)
+    response = urllib.request.urlopen(base + "/metrics")
+    check(response.headers["Content-Type"].startswith("text/plain; version=0.0.4"), "metrics content type")
+    text = response.read().decode()
+    sample = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{[a-zA-Z_][a-zA-Z0-9_]*="[^"]*"(,[a-zA-Z_][a-zA-Z0-9_]*="[^"]*")*\})? -?[0-9.e+-]+$')
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            check(re.match(r"^# (HELP|TYPE) [a-zA-Z_:][a-zA-Z0-9_:]* .+$", line), "comment line: %r" % line)
+            continue
+        check(sample.match(line), "sample line in the Prometheus text format: %r" % line)
+        name, value = line.rsplit(" ", 1)
+        values[name] = float(value)
+    for name in ["keel_commands_total", "keel_fsyncs_total", "keel_log_bytes_written_total", "keel_raft_term",
+                 'keel_raft_role{role="leader"}', "keel_raft_commit_index", "keel_raft_applied_index", "keel_checkpoint_age_seconds",
+                 'keel_command_duration_seconds_count{kind="write"}', 'keel_command_duration_seconds_count{kind="read"}']:
+        check(name in values, "metric %s present" % name)
+    check(values['keel_raft_role{role="leader"}'] == 1 and values["keel_fsyncs_total"] > 0, "role and fsyncs")
+    check(values['keel_command_duration_seconds_count{kind="write"}'] >= 1, "write latency recorded")
+    check(values['keel_command_duration_seconds_bucket{kind="write",le="+Inf"}'] == values['keel_command_duration_seconds_count{kind="write"}'], "histogram +Inf bucket = count")
+    page = urllib.request.urlopen(base + "/").read().decode()
+    check('id="role">leader<' in page and 'id="member-1"' in page, "status page")
+    try:
+        urllib.request.urlopen(base + "/nope")
+        check(False, "404")
+    except urllib.error.HTTPError as error:
+        check(error.code == 404, "404 for an unknown path")
+    print("ok", flush=True)
+
+
 if __name__ == "__main__":
     command = sys.argv[1]
     if command == "basic":
@@ -216,6 +257,8 @@ if __name__ == "__main__":
         writer([int(p) for p in sys.argv[2:]])
     elif command == "writer-limit":
         writer([int(p) for p in sys.argv[3:]], limit=int(sys.argv[2]))
+    elif command == "http":
+        http_checks(int(sys.argv[2]), int(sys.argv[3]))
     elif command == "verify":
         verify(sys.argv[2], [int(p) for p in sys.argv[3:]])
     else:
