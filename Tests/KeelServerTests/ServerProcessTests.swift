@@ -134,6 +134,16 @@ struct ServerProcessTests {
         #expect(await server.cli("GET").hasPrefix("ERR wrong number of arguments for 'get' command"))
         #expect(await server.cli("SELECT", "16") == "ERR DB index is out of range")
         #expect(await server.cli("INFO", "keel").contains("keel_role:leader"))
+        #expect(await server.cli("KEEL.MEMBER", "LIST").contains("id=1 address=127.0.0.1:16379 role=voter leader=yes"))
+        // The leader's sweep deletes an expired key through the log (DBSIZE counts stored keys).
+        #expect(await server.cli("-n", "5", "SET", "brief", "x", "PX", "100") == "OK")
+        var swept = false
+        for _ in 0..<100 where !swept {
+            try await Task.sleep(for: .milliseconds(50))
+            swept = await server.cli("-n", "5", "DBSIZE") == "0"
+        }
+        #expect(swept, "the expired key was deleted")
+        #expect(await server.cli("INFO", "stats").contains("expired_keys:1"))
         #expect(await server.stop() == 0, "SIGTERM stops it cleanly")
         try await server.start()
         #expect(await server.cli("GET", "name") == "keel", "the data survived the restart")
