@@ -280,7 +280,8 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         return try await Self.wait(promise.futureResult)
     }
 
-    /// Adds a voter that listens for peers at `address`. Call on the leader; then start the new
+    /// Adds a voter that listens for peers at `address` (any member takes the call: a follower
+    /// forwards it to the leader, and answers once the change is applied here); then start the new
     /// node with `join` set. Until it has caught up, the cluster needs it for a majority: prefer
     /// `addLearner`, which promotes it once it has caught up.
     ///
@@ -428,7 +429,6 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     private func startChange(_ kind: ConfigurationChange.Kind, _ id: NodeID, address: PeerAddress?, deadline: NIODeadline,
                              _ promise: EventLoopPromise<Void>) {
         if let error = refusal() { return promise.fail(error) }
-        guard role == .leader else { return promise.fail(NodeError.notLeader(leader)) }
         if let address, address.host.isEmpty || address.host.utf8.count > 255 || !(1...65535).contains(address.port) {
             return promise.fail(NodeError.invalidArgument("\(address) is not a peer address"))
         }

@@ -19,6 +19,8 @@ struct Serve: AsyncParsableCommand {
           keel serve --port 6379 --node-id 1 --peer-port 16379 --data-dir d1 --peers 1=127.0.0.1:16379,2=127.0.0.1:16380,3=127.0.0.1:16381
           keel serve --port 6380 --node-id 2 --peer-port 16380 --data-dir d2 --peers (the same)
           keel serve --port 6381 --node-id 3 --peer-port 16381 --data-dir d3 --peers (the same)
+        A fourth node joins a running cluster through any member's client port:
+          keel serve --port 6382 --node-id 4 --peer-port 16382 --data-dir d4 --join 127.0.0.1:6379
         """)
 
     @Option(help: "A config file with the same names as the flags (\"port 6380\"); flags win.") var config: String?
@@ -36,7 +38,7 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .customLong("peer-port"), help: "Port for the other nodes (default 16379).") var peerPort: Int?
     @Option(help: "Every founding member as id=host:peerport, comma-separated (this node included).") var peers: String?
     @Option(name: .customLong("cluster-token"), help: "A secret every peer presents (default \"keel\").") var clusterToken: String?
-    @Flag(help: "Join a running cluster: a member must have added this node (KEEL.MEMBER ADD); --peers lists members to reach.") var join = false
+    @Option(help: "Join a running cluster through a member's client address (HOST:PORT): it adds this node as a learner, promoted once caught up.") var join: String?
 
     func validate() throws {
         if let fsync, FsyncPolicy(rawValue: fsync) == nil { throw ValidationError("--fsync takes always, everysec or never") }
@@ -68,7 +70,7 @@ struct Serve: AsyncParsableCommand {
         settings.nodeID = NodeID(try number(nodeID, "node-id") ?? 1)
         settings.peerPort = try number(peerPort, "peer-port") ?? settings.peerPort
         settings.clusterToken = value(clusterToken, "cluster-token") ?? settings.clusterToken
-        settings.join = join || file["join"] == "yes"
+        let joinTarget = value(join, "join")
         if let list = value(peers, "peers") {
             for item in list.split(separator: ",") {
                 let parts = item.split(separator: "=", maxSplits: 1)
@@ -80,7 +82,16 @@ struct Serve: AsyncParsableCommand {
             }
             if let own = settings.peers[settings.nodeID], peerPort == nil, file["peer-port"] == nil { settings.peerPort = own.port }
         }
-        if settings.join && settings.peers.isEmpty { throw ValidationError("--join needs --peers with the members to reach") }
+        if let joinTarget {
+            let own = PeerAddress(host: settings.bind, port: settings.peerPort)
+            do {
+                settings.peers = try joinCluster(target: joinTarget, node: settings.nodeID, peerAddress: own)
+            } catch {
+                FileHandle.standardError.write(Data("keel serve: cannot join through \(joinTarget): \(error)\n".utf8))
+                throw ExitCode(1)
+            }
+            settings.join = true
+        }
 
         var logger = Logger(label: "keel")
         logger.logLevel = .notice

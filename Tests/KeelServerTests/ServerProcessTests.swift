@@ -279,3 +279,38 @@ extension ServerProcessTests {
         _ = await server.stop()
     }
 }
+
+extension ServerProcessTests {
+    @Test("a node joins a running single-node server with --join, is promoted once caught up, and serves; a restart rejoins")
+    func join() async throws {
+        let base = temporaryDirectory("join")
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        let first = ServerProcess(directory: base + "/node1", extra: ["--peer-port", String(freePort())])
+        try await first.start()
+        #expect(await first.cli("SET", "before", "1") == "OK")
+        let second = ServerProcess(directory: base + "/node2",
+                                   extra: ["--node-id", "2", "--peer-port", String(freePort()), "--join", "127.0.0.1:\(first.port)"])
+        try await second.start()
+        var promoted = false
+        var members = ""
+        for _ in 0..<300 where !promoted {
+            members = await first.cli("KEEL.MEMBER", "LIST")
+            promoted = members.contains("id=2 ") && !members.contains("role=learner")
+            if !promoted { try await Task.sleep(for: .milliseconds(50)) }
+        }
+        #expect(promoted, "node 2 was added and promoted: \(members)")
+        #expect(await second.cli("GET", "before") == "1", "it caught up")
+        #expect(await second.cli("SET", "after", "2") == "OK", "it takes writes (forwarded to the leader)")
+        #expect(await first.cli("GET", "after") == "2")
+        _ = await second.stop()
+        try await second.start()
+        var answer = ""
+        for _ in 0..<200 where answer != "2" {
+            answer = await second.cli("GET", "after")
+            if answer != "2" { try await Task.sleep(for: .milliseconds(50)) }
+        }
+        #expect(answer == "2", "a restart with --join rejoins (an election may come first)")
+        _ = await second.stop()
+        _ = await first.stop()
+    }
+}
