@@ -776,11 +776,13 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
                 transport.updatePeers(addresses.filter { $0.key != configuration.node })
             }
             if promoting?.node == change.node { promoting = nil }
-            noteMembership(appliedMembership)
+            // The caller learns its change applied before anything else happens (a node that just
+            // removed itself then stops serving).
             if let (tag, _) = decoded, tag.origin == configuration.node.rawValue, tag.run == run,
                let promise = changes.removeValue(forKey: tag.request) {
                 promise.succeed(())
             }
+            noteMembership(appliedMembership)
         case .normal:
             guard let (tag, command) = CommandRecord.decode(entry.data) else { return }
             let result = machine.apply(Array(command))

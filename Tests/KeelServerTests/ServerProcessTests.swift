@@ -310,6 +310,15 @@ extension ServerProcessTests {
             if answer != "2" { try await Task.sleep(for: .milliseconds(50)) }
         }
         #expect(answer == "2", "a restart with --join rejoins (an election may come first)")
+        // `keel member`: the operator's view and a removal, through a member's client port.
+        let keel = products() + "/keel"
+        let listed = await runTool(keel, ["member", "list", "--server", "127.0.0.1:\(first.port)"])
+        #expect(listed.status == 0 && listed.output.contains("id=1 ") && listed.output.contains("id=2 "), "\(listed.output)")
+        #expect(await runTool(keel, ["member", "frob"]).status != 0, "a bad subcommand is refused")
+        let removed = await runTool(keel, ["member", "remove", "2", "--server", "127.0.0.1:\(second.port)"])
+        #expect(removed.status == 0 && removed.output.contains("OK"), "removed through the member itself: \(removed.output) \(removed.status)")
+        let after = await runTool(keel, ["member", "list", "--server", "127.0.0.1:\(first.port)"])
+        #expect(after.output.contains("id=1 ") && !after.output.contains("id=2 "), "\(after.output)")
         _ = await second.stop()
         _ = await first.stop()
     }
