@@ -613,9 +613,15 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         case .failure(.corruption(let file, _, let reason, _)) where ready.snapshot != nil || !ready.incomingSnapshotChunks.isEmpty:
             // A received snapshot that does not verify (a corrupted transfer, or one resumed from a
             // leader whose checkpoint differs): drop it, and restart the core from what is durable.
-            return restartCore(because: "the received snapshot \(file) does not verify (\(reason))")
+            return restartCore(because: "the received snapshot \(file) does not verify (\(reason))", refusedSnapshot: true)
+        case .failure(.noSpace(let cause)):
+            // A full disk (DESIGN contract 3): the log cut back to its last record; refuse what
+            // waited, forget what was not written (as after a crash), keep serving reads, and take
+            // writes again once there is room.
+            failWaiting(NodeError.noSpace("\(cause)"))
+            return restartCore(because: "the disk is full (\(cause)); writes are refused until there is room", refusedSnapshot: false)
         case .failure(let error):
-            // A failed fsync (or any write error): stop taking part, and say why.
+            // A failed fsync (or any other write error): stop taking part, and say why.
             return stop("\(error)")
         case .success:
             break
@@ -677,9 +683,9 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
 
     /// Replaces the core with one made from what is durable, as a crash and restart would; what
     /// was not yet persisted (and the messages not yet sent) is gone, and their callers time out.
-    private func restartCore(because reason: String) {
+    private func restartCore(because reason: String, refusedSnapshot: Bool) {
         logger.warning("node \(configuration.node): \(reason); restarting Raft from the durable state")
-        rejectedSnapshots += 1
+        if refusedSnapshot { rejectedSnapshots += 1 }
         do {
             raft = try RaftNode(configuration: configuration.raft, storage: storage, randomSeed: UInt64.random(in: 1...UInt64.max),
                                 applied: appliedIndex)
@@ -690,6 +696,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         leader = nil
         // What the old core held (forwarded or not yet persisted) is gone with it.
         failWaiting(NodeError.leaderChanged)
+        // (No campaign at once: the election timeout paces retries against a disk still full.)
         process()
     }
 

@@ -54,6 +54,9 @@ public enum NodeError: Error, Sendable, Equatable, CustomStringConvertible {
     /// The leader changed while the request waited: a read can be retried; a write's outcome is
     /// unknown (it may still commit under the new leader).
     case leaderChanged
+    /// The disk is full: the write was not made durable here. Reads go on; writes are accepted
+    /// again once there is room.
+    case noSpace(String)
     /// A setting or an argument outside what is allowed.
     case invalidArgument(String)
     /// Raft refused the request (for example a membership change while another is under way).
@@ -68,6 +71,7 @@ public enum NodeError: Error, Sendable, Equatable, CustomStringConvertible {
         case .storageFailed(let reason): "keel: storage failed, the node has stopped: \(reason)"
         case .timedOut: "keel: timed out; the outcome is unknown"
         case .leaderChanged: "keel: the leader changed while the request waited; the outcome is unknown"
+        case .noSpace(let reason): "keel: the disk is full; the write was refused (\(reason))"
         case .invalidArgument(let reason): "keel: invalid argument: \(reason)"
         case .refused(let reason): "keel: refused: \(reason)"
         }

@@ -165,6 +165,7 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
         case .storageFailed(let reason): return "MISCONF keel: the log failed and this node has stopped accepting writes: \(reason)"
         case .timedOut: return "ERR keel: timed out; the write may or may not have been applied"
         case .leaderChanged: return "ERR keel: the leader changed; the write may or may not have been applied"
+        case .noSpace(let reason): return "ERR keel: no space left on the disk; the write was refused (\(reason))"
         case .invalidArgument(let reason): return "ERR \(reason)"
         case .refused(let reason): return "ERR keel: \(reason)"
         }

@@ -6,6 +6,9 @@
 //   <data-dir>/checkpoints/<index>-<term>.ckpt
 
 import KeelCore
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// An opened (and, unless read-only, locked) data directory.
 public final class DataDirectory: Sendable {
@@ -40,10 +43,19 @@ public final class DataDirectory: Sendable {
             if lock { try fileSystem.createDirectory(path) }
         } catch { throw .fileSystem(error) }
         if lock {
-            do { lockHandle = try fileSystem.lockExclusively(layout.lock) } catch {
-                if error.kind == .locked { throw .directoryLocked(path: path) }
-                throw .fileSystem(error)
+            // A lock held for a moment (a child process this one is starting holds copies of its
+            // descriptors until it execs) is waited for, up to a second; a lock held for longer
+            // belongs to another owner.
+            var handle: OpenFile?
+            for attempt in 0..<100 where handle == nil {
+                do { handle = try fileSystem.lockExclusively(layout.lock) } catch {
+                    guard error.kind == .locked else { throw .fileSystem(error) }
+                    if attempt == 99 { throw .directoryLocked(path: path) }
+                    var pause = timespec(tv_sec: 0, tv_nsec: 10_000_000)
+                    nanosleep(&pause, nil)
+                }
             }
+            lockHandle = handle
         } else {
             lockHandle = nil
             guard fileSystem.exists(path) else {

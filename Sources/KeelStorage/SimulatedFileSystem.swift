@@ -111,6 +111,9 @@ public final class SimulatedFileSystem: FileSystem {
         state.withLock { $0.flipBitsOnRead.append((path, offset)) }
     }
 
+    /// The bytes the files take now (what `setCapacity` limits).
+    public var usedBytes: Int { state.withLock { Self.usedBytes($0) } }
+
     /// Stops the flips `flipBitOnRead` asked for.
     public func clearReadFlips() {
         state.withLock { $0.flipBitsOnRead = [] }

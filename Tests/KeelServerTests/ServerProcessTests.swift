@@ -129,7 +129,7 @@ struct ServerProcessTests {
         #expect(await server.cli("GET", "name") == "keel")
         #expect(await server.cli("INCR", "visits") == "1")
         #expect(await server.cli("SET", "session", "x", "EX", "100") == "OK")
-        #expect(await server.cli("TTL", "session") == "100")
+        #expect(["99", "100"].contains(await server.cli("TTL", "session")), "seconds left, rounded (a slow machine may take one)")
         #expect(await server.cli("NOSUCH", "a").hasPrefix("ERR unknown command 'NOSUCH'"))
         #expect(await server.cli("GET").hasPrefix("ERR wrong number of arguments for 'get' command"))
         #expect(await server.cli("SELECT", "16") == "ERR DB index is out of range")

@@ -313,3 +313,44 @@ extension NodeAPITests {
         try await group.shutdownGracefully()
     }
 }
+
+extension NodeAPITests {
+    @Test("a full disk refuses writes with noSpace, keeps what was acknowledged and serves reads, and takes writes again once there is room")
+    func fullDisk() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let ports = try await freePorts(1, group: group)
+        let disk = SimulatedFileSystem(seed: 11)
+        var configuration = settings(1, "/full", members: [NodeID(1): address(ports[0])])
+        configuration.log = LogOptions(segmentSize: 16 << 10)
+        let node = try await KeelNode.start(configuration: configuration, machine: TestMachine(), group: group, logger: silentLogger, fileSystem: disk)
+        try await commit("set first 1", via: [node])
+        disk.setCapacity(disk.usedBytes + (4 << 10))
+        var acknowledged: [String] = []
+        var refused = false
+        let filler = String(repeating: "x", count: 1000)
+        for i in 0..<200 where !refused {
+            do {
+                _ = try await node.propose(Array("set k\(i) \(filler)".utf8))
+                acknowledged.append("k\(i)")
+            } catch NodeError.noSpace {
+                refused = true
+            }
+        }
+        #expect(refused, "the disk filled up and a write was refused with noSpace")
+        #expect(try await node.status().stopped == nil, "the node did not stop")
+        let held = try await node.read(consistency: .local) { Set($0.values.keys) }
+        #expect(held.isSuperset(of: acknowledged + ["first"]), "every acknowledged write is still there")
+        // Room again: writes are taken again (after an election, if the node gave up leading).
+        disk.setCapacity(nil)
+        let resumed = await eventually {
+            do {
+                _ = try await node.propose(Array("set after room".utf8))
+                return true
+            } catch { return false }
+        }
+        #expect(resumed)
+        #expect(try await node.read { $0.values["after"] } == "room")
+        await node.shutdown()
+        try await group.shutdownGracefully()
+    }
+}
