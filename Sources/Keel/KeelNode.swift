@@ -557,9 +557,16 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         if ready.incomingSnapshotChunks.isEmpty && ready.snapshot == nil {
             // Entries and hard state only: hand them straight to the log's writer thread (the
             // call only queues them).
+            // Committed entries this node already holds on disk (before this Ready's first new
+            // entry) are applied while the writer syncs, and their callers answered: they are on
+            // a majority's disks, this one's included, so nothing about this write can undo them.
+            // Configuration changes wait for the write (it records the commit that covers them).
+            let firstNew = ready.entries.first?.index ?? LogIndex(UInt64.max)
+            let applyNow = ready.committedEntries.prefix { $0.index < firstNew && $0.kind == .normal }.count
             storage.persist(entries: ready.entries, hardState: hardState) { result in
-                self.loop.execute { self.persisted(ready, late: late, result, installed: nil) }
+                self.loop.execute { self.persisted(ready, late: late, result, installed: nil, appliedBefore: applyNow) }
             }
+            for entry in ready.committedEntries.prefix(applyNow) { apply(entry) }
             return
         }
         storageQueue.async {
@@ -592,8 +599,6 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
             // read lost with it): answer it `leaderChanged` rather than at the timeout, once this
             // Ready's committed entries are applied (those are answered with their results).
             lostLeader = previous
-            changes.values.forEach { $0.fail(NodeError.leaderChanged) }
-            changes = [:]
         }
         if let transfer, let leader = soft.leader, leader != transfer.target {
             self.transfer = nil
@@ -605,7 +610,8 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         }
     }
 
-    private func persisted(_ ready: Ready, late: [Message], _ result: Result<Void, StorageError>, installed: [UInt8]?) {
+    private func persisted(_ ready: Ready, late: [Message], _ result: Result<Void, StorageError>, installed: [UInt8]?,
+                           appliedBefore: Int = 0) {
         persisting = false
         // After shutdown began, nothing more is applied or sent (its callers were failed already).
         guard !closing else { return }
@@ -642,7 +648,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         }
         // 2. Send. 3. Apply. 4. Advance.
         transport.send(late)
-        for entry in ready.committedEntries { apply(entry) }
+        for entry in ready.committedEntries.dropFirst(appliedBefore) { apply(entry) }
         for state in ready.readStates {
             var reader = ByteReader(state.context)
             guard (try? reader.readUInt64()) == run, let request = try? reader.readUInt64(), reads[request] != nil else { continue }
@@ -653,6 +659,9 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         if let lost = lostLeader {
             lostLeader = nil
             failHanded(to: lost)
+            // A membership change this Ready did not apply may never be (it went to the old leader).
+            changes.values.forEach { $0.fail(NodeError.leaderChanged) }
+            changes = [:]
         }
         maybeSnapshot()
         process()
