@@ -403,6 +403,12 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
 
     private func startRead(_ promise: EventLoopPromise<LogIndex>, lease: Bool) {
         if let error = refusal() { return promise.fail(error) }
+        if raft.isSoleVoterLeader {
+            // One voter: its commit index is the read index (what the core would answer, without
+            // a Ready). Served once applied (entries applied early may already cover it).
+            let index = raft.commitIndex
+            if index <= appliedIndex { return promise.succeed(index) }
+        }
         let request = nextRequest
         nextRequest += 1
         // The context carries this run's id too: a reply meant for an earlier run of this node

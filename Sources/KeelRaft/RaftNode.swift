@@ -268,6 +268,13 @@ public final class RaftNode {
             matchIndex: role == .leader ? progress.mapValues(\.matchIndex) : [:], leadTransferee: leadTransferee)
     }
 
+    /// Whether this node alone decides what is committed: the leader and the only voter, with an
+    /// entry of its term committed. Its commit index is then a valid read index with no round trip.
+    public var isSoleVoterLeader: Bool { role == .leader && membership.voters == [id] && committedEntryInCurrentTerm }
+
+    /// The commit index this node knows.
+    public var commitIndex: LogIndex { log.committed }
+
     /// The term of an entry this node holds (for checkers).
     public func term(at index: LogIndex) -> Term? { try? log.term(at: index) }
 
