@@ -365,6 +365,9 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
 
     private func startProposal(_ command: [UInt8], _ promise: EventLoopPromise<[UInt8]>) {
         if let error = refusal() { return promise.fail(error) }
+        guard command.count <= configuration.commandSizeMax else {
+            return promise.fail(NodeError.invalidArgument("the command is \(command.count) bytes, over the limit of \(configuration.commandSizeMax) (an entry must fit in one peer message)"))
+        }
         let request = nextRequest
         nextRequest += 1
         writes[request] = promise

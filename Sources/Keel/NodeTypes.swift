@@ -109,6 +109,9 @@ public struct NodeConfiguration: Sendable {
     public var requestTimeoutMilliseconds: Int64 = 5000
     /// Take a snapshot (a checkpoint, then log compaction) after this many applied entries.
     public var snapshotInterval: UInt64 = 10_000
+    /// The largest command `propose` accepts, in bytes: an entry must fit in one peer message
+    /// (under the transport's 16 MiB frame limit) to reach the other nodes.
+    public var commandSizeMax = 8 << 20
     /// Promote a learner to voter once it is within `promotionLagEntries` of the leader's log.
     public var autoPromoteLearners = true
     public var promotionLagEntries: UInt64 = 100
@@ -145,6 +148,7 @@ public struct NodeConfiguration: Sendable {
         guard requestTimeoutMilliseconds > 0 else { throw .invalidArgument("requestTimeoutMilliseconds must be positive") }
         guard (1...(UInt64(1) << 62)).contains(snapshotInterval) else { throw .invalidArgument("snapshotInterval must be in 1...2^62") }
         guard promotionLagEntries <= UInt64(1) << 62 else { throw .invalidArgument("promotionLagEntries must be at most 2^62") }
+        guard (1...(12 << 20)).contains(commandSizeMax) else { throw .invalidArgument("commandSizeMax must be in 1...12 MiB (a peer frame is at most 16 MiB)") }
         guard log.fsyncPolicy == .always || allowUnsyncedLog else {
             throw .invalidArgument("a node's log needs fsync `always` (a vote or an acknowledged entry must survive a crash); set allowUnsyncedLog to accept losing them")
         }

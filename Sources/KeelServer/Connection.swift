@@ -202,6 +202,11 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
             transactionFailed = true
             return write(.error("ERR wrong number of arguments for '\(name)' command"))
         }
+        if ["randomkey", "keys", "scan"].contains(name) {
+            // Inside a transaction they would run in apply on every replica, whose key orders differ.
+            transactionFailed = true
+            return write(.error("ERR keel: '\(name)' cannot be queued in a transaction (its reply would differ between replicas)"))
+        }
         transaction?.append(KVEntry.QueuedCommand(database: database, name: name, arguments: arguments))
         write(.simple("QUEUED"))
     }
@@ -215,7 +220,9 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
         }
         if command.isWrite {
             var group = [KVEntry.command(database: database, name: name, arguments: arguments)]
-            while group.count < 1024, let next = nextKeyValue(now: now), next.command.isWrite {
+            var bytes = arguments.reduce(0) { $0 + $1.count }
+            while group.count < 1024, bytes < 1 << 20, let next = nextKeyValue(now: now), next.command.isWrite {
+                bytes += next.arguments.reduce(0) { $0 + $1.count }
                 pending.removeFirst()
                 server.stats.withLockedValue { $0.commandsProcessed += 1 }
                 group.append(.command(database: database, name: next.name, arguments: next.arguments))

@@ -4,16 +4,23 @@ import KeelKV
 import NIOCore
 
 extension ByteBuffer {
+    /// A simple string or error on one line (CR and LF become spaces, as Redis does).
+    static func oneLine(_ text: String) -> String {
+        text.contains(where: { $0 == "\r" || $0 == "\n" || $0 == "\r\n" })
+            ? String(text.map { $0 == "\r" || $0 == "\n" || $0 == "\r\n" ? " " : $0 }) : text
+    }
+
     /// Writes a reply in protocol version 2 or 3.
     mutating func writeReply(_ reply: Reply, protocol version: Int) {
         switch reply {
         case .simple(let text):
             writeStaticString("+")
-            writeString(text)
+            writeString(Self.oneLine(text))
             writeStaticString("\r\n")
         case .error(let text):
+            // Errors may echo what a client sent: a line break there would forge replies.
             writeStaticString("-")
-            writeString(text)
+            writeString(Self.oneLine(text))
             writeStaticString("\r\n")
         case .integer(let value):
             writeStaticString(":")

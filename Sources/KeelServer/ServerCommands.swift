@@ -151,7 +151,7 @@ extension RESPConnection {
             return
         }
         guard user == "default", password == required else {
-            authenticated = false
+            // (A failed AUTH leaves an authenticated connection authenticated, as Redis.)
             if reply { write(.error("WRONGPASS invalid username-password pair or user is disabled.")) }
             return
         }
@@ -181,6 +181,9 @@ extension RESPConnection {
                 index += 3
             } else if option == "setname", index + 1 < a.count {
                 newName = String(decoding: a[index + 1], as: UTF8.self)
+                guard !newName!.contains(where: { $0 == " " || $0 == "\n" || $0 == "\r" || $0 == "\r\n" }) else {
+                    return write(.error("ERR Client names cannot contain spaces, newlines or special characters."))
+                }
                 index += 2
             } else {
                 return write(.error("ERR Syntax error in HELLO option '\(option)'"))

@@ -89,6 +89,22 @@ def basic(port, protocol):
     except redis.ResponseError as error:
         check("not an integer" in str(error), "INCR error text")
     check(r.ping(), "the connection stays open after errors")
+    # Limits: a command too large for one log entry is refused, and nothing is written.
+    try:
+        r.set("huge", "x" * (9 << 20))
+        check(False, "a 9 MiB value is refused")
+    except redis.ResponseError as error:
+        check("over the limit" in str(error), "too-large text: %s" % error)
+    check(r.get("huge") is None, "the refused write changed nothing")
+    # Replies that differ between replicas cannot be queued.
+    pipe = r.pipeline(transaction=True)
+    pipe.set("q", "1").keys("*")
+    try:
+        pipe.execute()
+        check(False, "KEYS inside MULTI is refused")
+    except (redis.ResponseError, redis.exceptions.ExecAbortError) as error:
+        check("EXECABORT" in str(error) or "cannot be queued" in str(error), "MULTI KEYS: %s" % error)
+    check(r.get("q") is None, "the aborted transaction wrote nothing")
     # Introspection
     info = r.info("keel")
     check(info.get("keel_role") == "leader" and int(info.get("keel_commit_index")) > 0, "INFO keel: %s" % info)
@@ -148,6 +164,8 @@ def malformed(port):
     check(data.startswith(b"-ERR Protocol error: too big inline request") and closed, "inline limit: %r" % data[:80])
     data, closed = raw(port, b"*1\r\n$4\r\nPI")
     check(data == b"" and not closed, "a partial request waits")
+    data, closed = raw(port, b"*1\r\n$6\r\nx\r\n+OK\r\n")
+    check(data.count(b"\r\n") == 1 and data.startswith(b"-ERR unknown command 'x +OK'"), "line breaks in an echoed name: %r" % data)
     data, closed = raw(port, b"WRONG\r\n")
     check(data.startswith(b"-ERR unknown command 'WRONG'") and not closed, "unknown command keeps the connection: %r" % data)
     data, closed = raw(port, b"*3\r\n$3\r\nGET\r\n$1\r\na\r\n$1\r\nb\r\n")
