@@ -89,8 +89,18 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard !closing else { return }
         pending.append(unwrapInboundIn(data))
+        if pending.count >= Self.pendingMax, !paused {
+            // Backpressure: parsed requests waiting behind a slow one are bounded; stop reading
+            // the socket until they drain (the kernel's buffers then push back on the client).
+            paused = true
+            context.channel.setOption(ChannelOptions.autoRead, value: false).whenFailure { _ in }
+        }
         if !busy { pump() }
     }
+
+    /// Parsed requests kept waiting before the socket stops being read.
+    static let pendingMax = 4096
+    private var paused = false
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         context.close(promise: nil)
@@ -100,6 +110,12 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
 
     /// Handles requests in order until one must wait, then flushes.
     private func pump() {
+        defer {
+            if paused, pending.count < Self.pendingMax / 4, let context {
+                paused = false
+                context.channel.setOption(ChannelOptions.autoRead, value: true).whenFailure { _ in }
+            }
+        }
         while !busy, !closing, let request = pending.popFirst() {
             switch request {
             case .protocolError(let message):

@@ -172,6 +172,20 @@ def malformed(port):
     check(data == b"-ERR wrong number of arguments for 'get' command\r\n" and not closed, "arity: %r" % data)
     data, closed = raw(port, b"HELLO 3\r\nGET nothing\r\nHELLO 4\r\n")
     check(b"%7\r\n" in data and b"_\r\n" in data and b"-NOPROTO" in data, "HELLO 3 and RESP3 null: %r" % data)
+    # A deep pipeline (more requests than the server keeps parsed at once): every one is answered, in order.
+    count = 20000
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"".join(b"*3\r\n$3\r\nSET\r\n$4\r\npipe\r\n$%d\r\n%d\r\n" % (len(str(i)), i) for i in range(count)) + b"GET pipe\r\n")
+    s.settimeout(60)
+    received = b""
+    expected_tail = b"$%d\r\n%d\r\n" % (len(str(count - 1)), count - 1)
+    while not received.endswith(b"+OK\r\n" + expected_tail):
+        chunk = s.recv(1 << 16)
+        if not chunk:
+            break
+        received += chunk
+    s.close()
+    check(received.count(b"+OK\r\n") == count and received.endswith(expected_tail), "a %d-deep pipeline: %d replies" % (count, received.count(b"+OK\r\n")))
     data, closed = raw(port, b"QUIT\r\nPING\r\n")
     check(data == b"+OK\r\n" and closed, "QUIT closes: %r" % data)
     print("ok", flush=True)
