@@ -134,6 +134,11 @@ let package = Package(
         // Real `keel serve` processes driven by redis-cli, redis-py and redis-benchmark.
         .testTarget(
             name: "KeelServerTests",
+            dependencies: [
+                "KeelServer",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+            ],
             exclude: ["python"],
             swiftSettings: strict
         ),

@@ -29,6 +29,12 @@ public struct RESPRequestDecoder: ByteToMessageDecoder {
     public typealias InboundOut = RESPRequest
     let limits: RESPLimits
     private var failed = false
+    /// A multibulk request being received: its elements so far are consumed from the buffer as
+    /// they complete, so a request arriving in many packets is never parsed again from its start.
+    private var inMultibulk = false
+    private var remaining: Int64 = 0
+    private var partial: [[UInt8]] = []
+    private var partialBytes = 0
 
     public init(limits: RESPLimits = RESPLimits()) { self.limits = limits }
 
@@ -39,7 +45,7 @@ public struct RESPRequestDecoder: ByteToMessageDecoder {
         }
         switch parse(&buffer) {
         case .needMoreData:
-            if buffer.readableBytes > limits.queryBufferMax {
+            if buffer.readableBytes + partialBytes > limits.queryBufferMax {
                 fail(context, "ERR Protocol error: query buffer exceeds the limit", &buffer)
                 return .continue
             }
@@ -70,8 +76,10 @@ public struct RESPRequestDecoder: ByteToMessageDecoder {
         case error(String)
     }
 
-    /// Parses one request from the front of `buffer`, consuming it only when complete.
-    func parse(_ buffer: inout ByteBuffer) -> Outcome {
+    /// Parses one request from the front of `buffer`: a multibulk request's header and elements
+    /// are consumed as each completes; an inline request when its line is complete.
+    mutating func parse(_ buffer: inout ByteBuffer) -> Outcome {
+        if inMultibulk { return continueMultibulk(&buffer) }
         guard let first = buffer.getInteger(at: buffer.readerIndex, as: UInt8.self) else { return .needMoreData }
         if first == UInt8(ascii: "*") { return parseMultibulk(&buffer) }
         return parseInline(&buffer)
@@ -106,22 +114,28 @@ public struct RESPRequestDecoder: ByteToMessageDecoder {
         return negative ? -value : value
     }
 
-    private func parseMultibulk(_ buffer: inout ByteBuffer) -> Outcome {
-        var position = buffer.readerIndex
+    private mutating func parseMultibulk(_ buffer: inout ByteBuffer) -> Outcome {
+        let position = buffer.readerIndex
         guard let header = lineEnd(buffer, from: position, limit: limits.inlineLengthMax) else {
             return buffer.readableBytes > limits.inlineLengthMax ? .error("ERR Protocol error: too big mbulk count string") : .needMoreData
         }
         guard let count = parseNumber(buffer, at: position + 1, length: header.length - 1), count <= Int64(limits.multibulkLengthMax) else {
             return .error("ERR Protocol error: invalid multibulk length")
         }
-        position = header.next
-        if count <= 0 {
-            buffer.moveReaderIndex(to: position)
-            return .request([])
-        }
-        var arguments: [[UInt8]] = []
-        arguments.reserveCapacity(Int(min(count, 1024)))
-        for _ in 0..<count {
+        buffer.moveReaderIndex(to: header.next)
+        if count <= 0 { return .request([]) }
+        inMultibulk = true
+        remaining = count
+        partial = []
+        partialBytes = 0
+        partial.reserveCapacity(Int(min(count, 1024)))
+        return continueMultibulk(&buffer)
+    }
+
+    /// Takes the elements that have arrived, one at a time; the request once all have.
+    private mutating func continueMultibulk(_ buffer: inout ByteBuffer) -> Outcome {
+        while remaining > 0 {
+            var position = buffer.readerIndex
             guard let line = lineEnd(buffer, from: position, limit: 64) else {
                 return buffer.writerIndex - position > 66 ? .error("ERR Protocol error: too big bulk count string") : .needMoreData
             }
@@ -135,10 +149,15 @@ public struct RESPRequestDecoder: ByteToMessageDecoder {
             }
             position = line.next
             guard buffer.writerIndex - position >= Int(length) + 2 else { return .needMoreData }
-            arguments.append(buffer.getBytes(at: position, length: Int(length))!)
-            position += Int(length) + 2
+            partial.append(buffer.getBytes(at: position, length: Int(length))!)
+            partialBytes += Int(length)
+            buffer.moveReaderIndex(to: position + Int(length) + 2)
+            remaining -= 1
         }
-        buffer.moveReaderIndex(to: position)
+        inMultibulk = false
+        let arguments = partial
+        partial = []
+        partialBytes = 0
         return .request(arguments)
     }
 

@@ -1,0 +1,43 @@
+import KeelServer
+import NIOCore
+import NIOEmbedded
+import Testing
+
+@Suite("The RESP request decoder")
+struct RESPDecoderTests {
+    func decode(_ chunks: [[UInt8]], limits: RESPLimits = RESPLimits()) throws -> [RESPRequest] {
+        let channel = EmbeddedChannel(handler: ByteToMessageHandler(RESPRequestDecoder(limits: limits)))
+        var requests: [RESPRequest] = []
+        for chunk in chunks {
+            try channel.writeInbound(ByteBuffer(bytes: chunk))
+            while let request = try channel.readInbound(as: RESPRequest.self) { requests.append(request) }
+        }
+        _ = try? channel.finish()
+        return requests
+    }
+
+    @Test("requests fed one byte at a time decode to the same requests as fed whole")
+    func dripFed() throws {
+        let bytes = Array("*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nva\r\nl\r\nPING\r\n*2\r\n$4\r\nECHO\r\n$0\r\n\r\nGET \"a b\"\r\n".utf8)
+        let whole = try decode([bytes])
+        #expect(whole == [
+            .command([Array("SET".utf8), Array("k".utf8), Array("va\r\nl".utf8)]), .command([Array("PING".utf8)]),
+            .command([Array("ECHO".utf8), []]), .command([Array("GET".utf8), Array("a b".utf8)]),
+        ])
+        #expect(try decode(bytes.map { [$0] }) == whole)
+    }
+
+    @Test("a large request arriving in many packets is answered once, and over the query buffer limit it is refused")
+    func largeRequestInPieces() throws {
+        var request = Array("*1001\r\n$4\r\nMSET\r\n".utf8)
+        for i in 0..<1000 { request += Array("$6\r\nv\(String(format: "%05d", i))\r\n".utf8) }
+        let pieces = stride(from: 0, to: request.count, by: 7).map { Array(request[$0..<min($0 + 7, request.count)]) }
+        let decoded = try decode(pieces)
+        #expect(decoded.count == 1)
+        if case .command(let arguments) = decoded.first { #expect(arguments.count == 1001 && arguments.last == Array("v00999".utf8)) }
+        var small = RESPLimits()
+        small.queryBufferMax = 1024
+        let refused = try decode(pieces, limits: small)
+        #expect(refused == [.protocolError("ERR Protocol error: query buffer exceeds the limit")], "elements already taken count toward the limit")
+    }
+}
