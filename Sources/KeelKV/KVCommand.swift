@@ -33,7 +33,7 @@ public enum KVCommand: Sendable, Equatable {
     case getRange([UInt8], Int64, Int64)
     case setRange([UInt8], Int, [UInt8])
     case multiGet([[UInt8]])
-    case multiSet([([UInt8], [UInt8])], onlyIfNoneExist: Bool)
+    case multiSet([KeyValue], onlyIfNoneExist: Bool)
     /// EXPIRE and friends: the absolute time, the condition, and whether the reply is 1/0.
     case expire([UInt8], at: Int64, ExpireCondition)
     case timeToLive([UInt8], milliseconds: Bool)
@@ -49,11 +49,10 @@ public enum KVCommand: Sendable, Equatable {
     case flushAll
     case swapDatabases(Int, Int)
 
-    public static func == (lhs: KVCommand, rhs: KVCommand) -> Bool {
-        switch (lhs, rhs) {
-        case (.multiSet(let a, let x), .multiSet(let b, let y)): x == y && a.count == b.count && zip(a, b).allSatisfy { $0.0 == $1.0 && $0.1 == $1.1 }
-        default: "\(lhs)" == "\(rhs)"
-        }
+    /// A key and its value (MSET's pairs).
+    public struct KeyValue: Sendable, Equatable {
+        public var key: [UInt8]
+        public var value: [UInt8]
     }
 
     /// Whether it changes the state (and so goes through the log).
@@ -74,7 +73,7 @@ public enum KVCommand: Sendable, Equatable {
             [key]
         case .set(let key, _, _, _, _): [key]
         case .delete(let keys), .exists(let keys), .multiGet(let keys): keys
-        case .multiSet(let pairs, _): pairs.map(\.0)
+        case .multiSet(let pairs, _): pairs.map(\.key)
         case .rename(let a, let b, _), .copy(let a, let b, _, _): [a, b]
         default: []
         }
@@ -263,7 +262,7 @@ extension KVCommand {
         case "mget": return .multiGet(a)
         case "mset", "msetnx":
             guard a.count.isMultiple(of: 2) else { throw .arity(name) }
-            return .multiSet(stride(from: 0, to: a.count, by: 2).map { (a[$0], a[$0 + 1]) }, onlyIfNoneExist: name == "msetnx")
+            return .multiSet(stride(from: 0, to: a.count, by: 2).map { KeyValue(key: a[$0], value: a[$0 + 1]) }, onlyIfNoneExist: name == "msetnx")
         case "expire", "pexpire", "expireat", "pexpireat":
             let at = try expireTime(a[1], unit: name.hasPrefix("p") ? 1 : 1000, absolute: name.hasSuffix("at"), command: name)
             var condition = ExpireCondition.always

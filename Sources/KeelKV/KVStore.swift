@@ -397,8 +397,8 @@ public final class KVStore: @unchecked Sendable {
         case .multiGet(let keys):
             return .array(keys.map { .bulk(get($0)?.bytes) })
         case .multiSet(let pairs, let onlyIfNoneExist):
-            if onlyIfNoneExist, pairs.contains(where: { get($0.0) != nil }) { return .integer(0) }
-            for (key, value) in pairs { store(key, value, expiresAt: 0, database: db) }
+            if onlyIfNoneExist, pairs.contains(where: { get($0.key) != nil }) { return .integer(0) }
+            for pair in pairs { store(pair.key, pair.value, expiresAt: 0, database: db) }
             return onlyIfNoneExist ? .integer(1) : .ok
         case .expire(let key, let at, let condition):
             guard let old = get(key) else { return .integer(0) }
