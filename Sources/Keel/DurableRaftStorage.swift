@@ -14,6 +14,7 @@
 // one at a time, and never while a `persist` of the same Ready is outstanding. The
 // hard state and snapshot are behind a lock, the log and the checkpoint store are thread-safe.
 
+import DequeModule
 import Dispatch
 import KeelCore
 import KeelRaft
@@ -34,6 +35,13 @@ public final class DurableRaftStorage: RaftStorage, @unchecked Sendable {
     private let guarded: NIOLockedValueBox<(hardState: HardState, snapshot: SnapshotMetadata, damaged: SnapshotMetadata?)>
     /// The snapshot whose file was last checked whole before a transfer.
     private let verifiedSnapshot = NIOLockedValueBox<SnapshotMetadata?>(nil)
+    /// The newest entries handed to `persist`, so that applying them (and sending them to
+    /// followers) does not read them back from the log file. Served only up to the log's last
+    /// written index; a persisted suffix that replaces cached entries replaces them here too.
+    private let recent = NIOLockedValueBox(RecentEntries())
+    /// What `recent` may hold.
+    static let recentBytesMax = 32 << 20
+    static let recentCountMax = 1 << 16
 
     /// The newest snapshot, if its file failed verification when a transfer was to start; nil
     /// again once a newer checkpoint is written.
@@ -193,11 +201,23 @@ public final class DurableRaftStorage: RaftStorage, @unchecked Sendable {
 
     public func entries(from: LogIndex, to: LogIndex, maxSize: Int) throws(RaftStorageError) -> [Entry] {
         let snapshot = self.snapshot
+        let written = log.lastIndex
         if from <= snapshot.index { throw .compacted }
-        if from > to || to > max(log.lastIndex, snapshot.index).next { throw .unavailable }
+        if from > to || to > max(written, snapshot.index).next { throw .unavailable }
         var result: [Entry] = []
         var size = 0
         var index = from
+        recent.withLockedValue { recent in
+            guard let first = recent.entries.first?.index, index >= first else { return }
+            let end = min(to, written.next)
+            while index < end, let entry = recent.entry(at: index) {
+                size += entry.size
+                if !result.isEmpty && size > maxSize { return }
+                result.append(entry)
+                index = index.next
+            }
+        }
+        if !result.isEmpty && size > maxSize { return result }
         while index < to {
             let entry: Entry
             do { entry = try Self.decodeEntry(try log.entry(at: index)) } catch {
@@ -249,6 +269,7 @@ public final class DurableRaftStorage: RaftStorage, @unchecked Sendable {
             completion(.success(()))
             return
         }
+        remember(entries)
         do throws(StorageError) {
             try log.write(entries: entries.map(Self.encodeEntry), hardState: newState.map(Self.encode)) { [self] result in
                 if case .success = result, let newState { hardState = newState }
@@ -262,6 +283,7 @@ public final class DurableRaftStorage: RaftStorage, @unchecked Sendable {
     /// Persists a Ready's entries and hard state in one durable step.
     public func persist(entries: [Entry], hardState newState: HardState?) async throws(StorageError) {
         guard !entries.isEmpty || (newState != nil && newState != hardState) else { return }
+        remember(entries)
         let encoded = newState.map(Self.encode)
         let result: Result<LogIndex, StorageError> = await withCheckedContinuation { continuation in
             do throws(StorageError) {
@@ -272,6 +294,12 @@ public final class DurableRaftStorage: RaftStorage, @unchecked Sendable {
         }
         _ = try result.get()
         if let newState { hardState = newState }
+    }
+
+    /// Keeps entries about to be written in `recent` (replacing any cached suffix they replace).
+    private func remember(_ entries: [Entry]) {
+        guard !entries.isEmpty else { return }
+        recent.withLockedValue { $0.append(entries) }
     }
 
     /// Writes a chunk of an incoming snapshot (the leader's checkpoint file) at its offset.
@@ -300,6 +328,7 @@ public final class DurableRaftStorage: RaftStorage, @unchecked Sendable {
             throw error
         }
         done.wait()
+        recent.withLockedValue { $0 = RecentEntries() }
         _ = try outcome.withLockedValue { $0 }!.get()
         snapshot = SnapshotMetadata(index: metadata.index, term: metadata.term, membership: state.membership)
         _ = try checkpoints.prune(keep: 2)
@@ -340,6 +369,7 @@ public final class DurableRaftStorage: RaftStorage, @unchecked Sendable {
                 continuation.resume(returning: .failure(error))
             }
         }
+        recent.withLockedValue { $0 = RecentEntries() }
         _ = try result.get()
         snapshot = SnapshotMetadata(index: metadata.index, term: metadata.term, membership: state.membership)
         _ = try checkpoints.prune(keep: 2)
@@ -361,6 +391,35 @@ public final class DurableRaftStorage: RaftStorage, @unchecked Sendable {
         verifiedSnapshot.withLockedValue { $0 = nil }
         let kept = try checkpoints.prune(keep: 2)
         if kept.count == 2 { try log.removeSegments(through: kept[1].index) }
+    }
+}
+
+/// The newest entries given to `persist`, consecutive, bounded by count and bytes.
+struct RecentEntries {
+    var entries = Deque<Entry>()
+    var bytes = 0
+
+    func entry(at index: LogIndex) -> Entry? {
+        guard let first = entries.first?.index, index >= first else { return nil }
+        let position = Int(index.rawValue - first.rawValue)
+        return position < entries.count ? entries[position] : nil
+    }
+
+    /// Appends entries that follow (or replace a suffix of) what is held; anything else starts over.
+    mutating func append(_ new: [Entry]) {
+        let start = new[0].index
+        if let first = entries.first?.index, start >= first, start.rawValue <= first.rawValue + UInt64(entries.count) {
+            while entries.count > Int(start.rawValue - first.rawValue) { bytes -= entries.removeLast().size }
+        } else {
+            self = RecentEntries()
+        }
+        for entry in new {
+            entries.append(entry)
+            bytes += entry.size
+        }
+        while entries.count > 1, bytes > DurableRaftStorage.recentBytesMax || entries.count > DurableRaftStorage.recentCountMax {
+            bytes -= entries.removeFirst().size
+        }
     }
 }
 

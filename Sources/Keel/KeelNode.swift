@@ -72,7 +72,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     /// Distinguishes this run's requests from an earlier run's still in the log (request ids
     /// restart at 1 after a restart).
     private let run = UInt64.random(in: 1...UInt64.max)
-    private var writes: [UInt64: EventLoopPromise<[UInt8]>] = [:]
+    private var writes: [UInt64: Waiter<[UInt8]>] = [:]
     /// When each proposal and read times out, in request order (so in deadline order); the
     /// ticker fails the expired ones (one scheduled task per request would cost a timer-heap
     /// insertion each).
@@ -90,7 +90,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     private var rewroteDamaged: LogIndex?
     private var changes: [UInt64: EventLoopPromise<Void>] = [:]
     /// Reads by request id, from the call until they are served or time out.
-    private var reads: [UInt64: EventLoopPromise<LogIndex>] = [:]
+    private var reads: [UInt64: Waiter<LogIndex>] = [:]
     /// Reads whose index is known, waiting for it to be applied.
     private var readsAwaitingApply: [(index: LogIndex, request: UInt64)] = []
     private var transfer: (target: NodeID, promise: EventLoopPromise<Void>)?
@@ -212,15 +212,23 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     ///   may still commit), `.notMember`, `.shuttingDown`, `.storageFailed`.
     public func propose(_ command: [UInt8]) async throws -> [UInt8] {
         let promise = loop.makePromise(of: [UInt8].self)
-        loop.execute { self.startProposal(command, promise) }
+        loop.execute { self.startProposal(command, Waiter(promise)) }
         return try await Self.wait(promise.futureResult)
     }
 
     /// `propose` for callers on event loops: the future completes on the node's loop.
     public func proposeFuture(_ command: [UInt8]) -> EventLoopFuture<[UInt8]> {
         let promise = loop.makePromise(of: [UInt8].self)
-        loop.execute { self.startProposal(command, promise) }
+        loop.execute { self.startProposal(command, Waiter(promise)) }
         return promise.futureResult
+    }
+
+    /// `propose` for callers on event loops, without futures (a server's hot path):
+    /// `completion` runs on the node's loop, once. Called on the node's loop, the proposal is
+    /// taken at once.
+    public func propose(_ command: [UInt8], completion: @escaping @Sendable (Result<[UInt8], NodeError>) -> Void) {
+        let waiter = Waiter(completion)
+        if loop.inEventLoop { startProposal(command, waiter) } else { loop.execute { self.startProposal(command, waiter) } }
     }
 
     /// `read` for callers on event loops: the future completes on the node's loop.
@@ -232,8 +240,29 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         }
         if consistency == .local { return loop.submit { try run() } }
         let promise = loop.makePromise(of: LogIndex.self)
-        loop.execute { self.startRead(promise, lease: consistency == .lease) }
+        loop.execute { self.startRead(Waiter(promise), lease: consistency == .lease) }
         return promise.futureResult.flatMapThrowing { _ in try run() }
+    }
+
+    /// `read` for callers on event loops, without futures: `body` and then `completion` run on
+    /// the node's loop. Called on the node's loop, the read is taken at once (a `.local` read,
+    /// or one a sole voter can answer, then completes before the call returns).
+    public func read<T>(consistency: Consistency = .linearizable, _ body: @escaping @Sendable (Machine) -> T,
+                        completion: @escaping @Sendable (Result<T, NodeError>) -> Void) {
+        let start: @Sendable () -> Void = {
+            let finish: @Sendable (Result<LogIndex, NodeError>) -> Void = { result in
+                switch result {
+                case .success:
+                    if let error = self.refusal() { return completion(.failure(error)) }
+                    completion(.success(body(self.machine)))
+                case .failure(let error):
+                    completion(.failure(error))
+                }
+            }
+            if consistency == .local { return finish(.success(self.appliedIndex)) }
+            self.startRead(Waiter(finish), lease: consistency == .lease)
+        }
+        if loop.inEventLoop { start() } else { loop.execute(start) }
     }
 
     /// The event loop the node runs on.
@@ -253,7 +282,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
                                   _ body: @escaping @Sendable (Machine) -> T) async throws -> T {
         if consistency != .local {
             let promise = loop.makePromise(of: LogIndex.self)
-            loop.execute { self.startRead(promise, lease: consistency == .lease) }
+            loop.execute { self.startRead(Waiter(promise), lease: consistency == .lease) }
             _ = try await Self.wait(promise.futureResult)
         }
         let future = loop.submit { () throws -> T in
@@ -363,7 +392,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         RequestTag(origin: configuration.node.rawValue, run: run, request: request)
     }
 
-    private func startProposal(_ command: [UInt8], _ promise: EventLoopPromise<[UInt8]>) {
+    private func startProposal(_ command: [UInt8], _ promise: Waiter<[UInt8]>) {
         if let error = refusal() { return promise.fail(error) }
         guard command.count <= configuration.commandSizeMax else {
             return promise.fail(NodeError.invalidArgument("the command is \(command.count) bytes, over the limit of \(configuration.commandSizeMax) (an entry must fit in one peer message)"))
@@ -404,7 +433,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         }
     }
 
-    private func startRead(_ promise: EventLoopPromise<LogIndex>, lease: Bool) {
+    private func startRead(_ promise: Waiter<LogIndex>, lease: Bool) {
         if let error = refusal() { return promise.fail(error) }
         if raft.isSoleVoterLeader {
             // One voter: its commit index is the read index (what the core would answer, without
@@ -860,4 +889,26 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         reads = [:]
         readsAwaitingApply = []
     }
+}
+
+/// Who waits for a proposal or a read: a promise, or a callback (callers on event loops). Runs
+/// on the node's loop, once.
+struct Waiter<Value: Sendable>: Sendable {
+    let complete: @Sendable (Result<Value, NodeError>) -> Void
+
+    init(_ complete: @escaping @Sendable (Result<Value, NodeError>) -> Void) {
+        self.complete = complete
+    }
+
+    init(_ promise: EventLoopPromise<Value>) {
+        complete = { result in
+            switch result {
+            case .success(let value): promise.succeed(value)
+            case .failure(let error): promise.fail(error)
+            }
+        }
+    }
+
+    func succeed(_ value: Value) { complete(.success(value)) }
+    func fail(_ error: NodeError) { complete(.failure(error)) }
 }

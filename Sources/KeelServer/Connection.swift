@@ -152,22 +152,41 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
     /// Runs work that answers later; requests behind it wait. Key-value commands record their
     /// latency (`kind`) for /metrics.
     func answerLater(_ future: EventLoopFuture<[Reply]>, kind: CommandKind? = nil) {
-        busy = true
-        let started = NIODeadline.now()
-        future.hop(to: context!.eventLoop).whenComplete { result in
-            if let kind, case .success(let replies) = result {
-                let seconds = Double((NIODeadline.now() - started).nanoseconds) / 1e9
-                self.server.stats.withLockedValue {
-                    if kind == .write { $0.writeLatency.record(seconds, times: replies.count) } else { $0.readLatency.record(seconds, times: replies.count) }
+        answerLater(kind: kind) { done in
+            future.whenComplete { result in
+                switch result {
+                case .success(let replies): done(replies)
+                case .failure(let error): done([.error(RESPConnection.describe(error))])
                 }
             }
-            self.busy = false
-            switch result {
-            case .success(let replies): replies.forEach(self.write)
-            case .failure(let error): self.write(.error(RESPConnection.describe(error)))
-            }
-            self.pump()
         }
+    }
+
+    /// Runs `start`, which calls its argument once with the replies (on any thread); requests
+    /// behind it wait. The hot path: no futures, and no hop when the node shares this loop.
+    func answerLater(kind: CommandKind? = nil, _ start: (@escaping @Sendable ([Reply]) -> Void) -> Void) {
+        guard let loop = context?.eventLoop else { return }
+        busy = true
+        let started = kind == nil ? 0 : DispatchTime.now().uptimeNanoseconds
+        start { replies in
+            if loop.inEventLoop {
+                self.answered(replies, kind: kind, started: started)
+            } else {
+                loop.execute { self.answered(replies, kind: kind, started: started) }
+            }
+        }
+    }
+
+    private func answered(_ replies: [Reply], kind: CommandKind?, started: UInt64) {
+        if let kind {
+            let seconds = Double(DispatchTime.now().uptimeNanoseconds - started) / 1e9
+            server.stats.withLockedValue {
+                if kind == .write { $0.writeLatency.record(seconds, times: replies.count) } else { $0.readLatency.record(seconds, times: replies.count) }
+            }
+        }
+        busy = false
+        replies.forEach(write)
+        pump()
     }
 
     /// A node error as a Redis error reply.
@@ -243,9 +262,17 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
                 server.stats.withLockedValue { $0.commandsProcessed += 1 }
                 group.append(.command(database: database, name: next.name, arguments: next.arguments))
             }
+            let node = server.node
             if group.count == 1 {
-                answerLater(server.node.proposeFuture(group[0].encoded(now: now)).map { [Reply(decoding: $0)] }
-                    .recover { [.error(RESPConnection.describe($0))] }, kind: .write)
+                let entry = group[0].encoded(now: now)
+                answerLater(kind: .write) { done in
+                    node.propose(entry) { result in
+                        switch result {
+                        case .success(let bytes): done([Reply(decoding: bytes)])
+                        case .failure(let error): done([.error(RESPConnection.describe(error))])
+                        }
+                    }
+                }
                 return
             }
             // Pipelined writes travel as one log entry (applied together, in order: a stronger
@@ -256,12 +283,19 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
             }
             let count = commands.count
             let batch = KVEntry.transaction(watched: [], commands: commands).encoded(now: now)
-            answerLater(server.node.proposeFuture(batch).map { bytes -> [Reply] in
-                guard case .array(let replies?) = Reply(decoding: bytes), replies.count == count else {
-                    return Array(repeating: .error("ERR keel: internal: a batch's reply did not match it"), count: count)
+            answerLater(kind: .write) { done in
+                node.propose(batch) { result in
+                    switch result {
+                    case .success(let bytes):
+                        guard case .array(let replies?) = Reply(decoding: bytes), replies.count == count else {
+                            return done(Array(repeating: .error("ERR keel: internal: a batch's reply did not match it"), count: count))
+                        }
+                        done(replies)
+                    case .failure(let error):
+                        done(Array(repeating: .error(RESPConnection.describe(error)), count: count))
+                    }
                 }
-                return replies
-            }.recover { error in Array(repeating: .error(RESPConnection.describe(error)), count: count) }, kind: .write)
+            }
         } else {
             var group = [command]
             while group.count < 1024, let next = nextKeyValue(now: now), !next.command.isWrite {
@@ -273,14 +307,21 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
             let consistency: Consistency = readonly ? .local : .linearizable
             let server = self.server
             let reads = group
-            let future = server.node.readFuture(consistency: consistency) { store in
-                reads.map { store.read($0, database: database, now: KeelServer.nowMilliseconds()) }
-            }.map { results -> [Reply] in
-                let expired = results.flatMap(\.1)
-                if !expired.isEmpty { Task { await server.deleteExpired(expired) } }
-                return results.map(\.0)
+            answerLater(kind: .read) { done in
+                server.node.read(consistency: consistency, { store in
+                    reads.map { store.read($0, database: database, now: KeelServer.nowMilliseconds()) }
+                }, completion: { result in
+                    switch result {
+                    case .success(let results):
+                        let expired = results.flatMap(\.1)
+                        if !expired.isEmpty { Task { await server.deleteExpired(expired) } }
+                        done(results.map(\.0))
+                    case .failure(let error):
+                        // One reply per request of the group.
+                        done(Array(repeating: .error(RESPConnection.describe(error)), count: reads.count))
+                    }
+                })
             }
-            answerLater(future, kind: .read)
         }
     }
 

@@ -62,7 +62,7 @@ public final class KeelServer: @unchecked Sendable {
     /// Recovers the data directory, starts the node and listens for clients.
     public static func start(configuration: ServerConfiguration, logger: Logger = Logger(label: "keel.serve")) async throws -> KeelServer {
         try configuration.validate()
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: max(2, System.coreCount))
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: configuration.ioThreads)
         let node: KeelNode<KVStore>
         do {
             node = try await KeelNode.start(configuration: configuration.nodeConfiguration(), machine: KVStore(), group: group, logger: logger)

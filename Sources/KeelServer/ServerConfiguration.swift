@@ -27,6 +27,11 @@ public struct ServerConfiguration: Sendable {
     public var clusterToken = "keel"
     /// Join a running cluster (as a learner a member added) instead of founding one.
     public var join = false
+    /// Event loop threads for connections (clients and peers) and the node. With one (the
+    /// default, as Redis) everything runs on one loop and nothing hops between threads; more
+    /// spread the connections (the node still runs on one of them). The log writes from its own
+    /// thread either way.
+    public var ioThreads = 1
     /// Milliseconds per Raft tick.
     public var tickMilliseconds: Int64 = 50
 
@@ -44,6 +49,7 @@ public struct ServerConfiguration: Sendable {
         guard (0...65535).contains(httpPort) else { throw .invalidArgument("--http-port must be in 0...65535") }
         guard (1...65535).contains(peerPort) else { throw .invalidArgument("--peer-port must be in 1...65535") }
         guard checkpointEntries >= 1 else { throw .invalidArgument("--checkpoint-entries must be at least 1") }
+        guard (1...128).contains(ioThreads) else { throw .invalidArgument("--io-threads must be in 1...128") }
         guard (1...1_000_000).contains(maxClients) else { throw .invalidArgument("--maxclients must be in 1...1000000") }
         guard limits.bulkLengthMax >= 1, limits.multibulkLengthMax >= 1, limits.inlineLengthMax >= 16, limits.queryBufferMax >= 1024 else {
             throw .invalidArgument("protocol limits are too small")

@@ -125,6 +125,18 @@ public final class WriteAheadLog: @unchecked Sendable {
         var syncedEnd: Int
         /// The synced end the newest sync marker in the segment declares.
         var lastMarker: Int
+
+        /// Entries in the segment (from the indexes, so it holds for the writer's copy too).
+        var entryCount: Int { Int(lastIndex.rawValue &+ 1 &- firstIndex.rawValue) }
+
+        /// The segment without its offset and term arrays: the writer's own copy. Sharing the
+        /// arrays with the table would make every append to the table's copy them whole.
+        func withoutIndexes() -> Segment {
+            var copy = self
+            copy.offsets = []
+            copy.terms = []
+            return copy
+        }
     }
 
     private struct Table {
@@ -566,7 +578,7 @@ public final class WriteAheadLog: @unchecked Sendable {
 
     /// Writes a batch, completing its appends in order. Runs on the writer thread.
     private func write(_ batch: [Pending], buffer: inout [UInt8]) -> BatchOutcome {
-        var current = table.withLock { $0.segments[$0.segments.count - 1] }
+        var current = table.withLock { $0.segments[$0.segments.count - 1].withoutIndexes() }
         var completed = 0 // batch[..<completed] have been acknowledged
         var buffered = 0 // batch[completed..<completed + buffered] are in `buffer`
         var offsets: [UInt32] = []
@@ -592,7 +604,7 @@ public final class WriteAheadLog: @unchecked Sendable {
                 size += carried.map { LogFormat.recordSize(payloadSize: $0.count + 8) } ?? 0
                 size += fresh.map { LogFormat.recordSize(payloadSize: $0.count + 8) } ?? 0
                 let marker = needsSyncMarker(current) ? LogFormat.syncMarkerSize : 0
-                if current.dataEnd + buffer.count + marker + size > options.segmentSize, current.offsets.count + offsets.count > 0 {
+                if current.dataEnd + buffer.count + marker + size > options.segmentSize, current.entryCount + offsets.count > 0 {
                     try flush(&buffer, offsets: &offsets, terms: &terms, into: &current)
                     try seal(&current)
                     for done in batch[completed..<(completed + buffered)] { done.completion(.success(done.index)) }
@@ -718,7 +730,7 @@ public final class WriteAheadLog: @unchecked Sendable {
         let replaced = target
         table.withLock { $0.segments[$0.segments.count - 1] = replaced }
         if oldHandle != handle { fileSystem.close(oldHandle) }
-        current = target
+        current = target.withoutIndexes()
     }
 
     /// Whether a sync has moved the segment's synced end past what its last marker says.
@@ -733,15 +745,14 @@ public final class WriteAheadLog: @unchecked Sendable {
         segment.lastMarker = segment.syncedEnd
     }
 
-    /// Writes the buffer at the segment's end and publishes the new records to readers.
+    /// Writes the buffer at the segment's end and publishes the new records to readers (the
+    /// writer's `segment` keeps only positions; the offsets and terms go to the table's copy).
     private func flush(_ buffer: inout [UInt8], offsets: inout [UInt32], terms: inout [UInt64], into segment: inout Segment) throws(WriteFailure) {
         guard !buffer.isEmpty else { return }
         let handle = segment.handle
         let at = segment.dataEnd
         try attempt { () throws(FileSystemError) in try fileSystem.write(handle, buffer, at: at) }
         segment.dataEnd += buffer.count
-        segment.offsets.append(contentsOf: offsets)
-        segment.terms.append(contentsOf: terms)
         segment.lastIndex = LogIndex(segment.lastIndex.rawValue + UInt64(offsets.count))
         let published = segment
         let written = UInt64(buffer.count)
