@@ -273,20 +273,22 @@ public final class KVStore: @unchecked Sendable {
         return value
     }
 
+    // `store` and `remove` walk each dictionary once; the expiry index is touched only when the
+    // key has or had an expiry (a key is in `volatile` exactly when its expiry is not 0).
     private func store(_ key: [UInt8], _ bytes: [UInt8], expiresAt: Int64, database: Int) {
         revision += 1
-        databases[database].keys[key] = StoredValue(bytes: bytes, expiresAt: expiresAt, revision: revision)
+        let old = databases[database].keys.updateValue(StoredValue(bytes: bytes, expiresAt: expiresAt, revision: revision), forKey: key)
         if expiresAt != 0 {
             databases[database].volatile[key] = expiresAt
-        } else {
+        } else if let old, old.expiresAt != 0 {
             databases[database].volatile[key] = nil
         }
     }
 
     @discardableResult
     private func remove(_ key: [UInt8], database: Int) -> Bool {
-        guard databases[database].keys.removeValue(forKey: key) != nil else { return false }
-        databases[database].volatile[key] = nil
+        guard let old = databases[database].keys.removeValue(forKey: key) else { return false }
+        if old.expiresAt != 0 { databases[database].volatile[key] = nil }
         revision += 1
         return true
     }
@@ -299,6 +301,11 @@ public final class KVStore: @unchecked Sendable {
         case .get(let key):
             return .bulk(get(key)?.bytes)
         case .set(let key, let value, let condition, let expiry, let reply):
+            if condition == .always, expiry == .none, reply == .ok {
+                // A plain SET needs nothing of the old value (an expired one is replaced all the same).
+                store(key, value, expiresAt: 0, database: db)
+                return .ok
+            }
             let old = get(key)
             let allowed = condition == .always || (condition == .ifAbsent) == (old == nil)
             if allowed {

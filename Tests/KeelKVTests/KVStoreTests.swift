@@ -63,6 +63,34 @@ struct KVStoreTests {
         #expect(h.run("EXISTS", "new", "k", "k") == .integer(2))
     }
 
+    @Test("the expiry index holds exactly the keys with an expiry, through SET, DEL, PERSIST and expired replacements")
+    func expiryIndex() {
+        var h = Harness()
+        h.run("SET", "a", "1", "EX", "10")
+        h.run("SET", "b", "1", "PX", "5")
+        h.run("SET", "c", "1")
+        #expect(h.store.volatileCount(database: 0) == 2)
+        h.run("SET", "a", "2") // a plain SET drops the expiry
+        #expect(h.store.volatileCount(database: 0) == 1)
+        #expect(h.run("TTL", "a") == .integer(-1))
+        h.now += 10 // b has expired: a plain SET replaces it, without an expiry
+        h.run("SET", "b", "2")
+        #expect(h.store.volatileCount(database: 0) == 0)
+        #expect(h.run("GET", "b") == .bulk("2"))
+        #expect(h.run("TTL", "b") == .integer(-1))
+        h.run("SET", "c", "3", "EX", "100")
+        #expect(h.store.volatileCount(database: 0) == 1)
+        h.run("DEL", "c")
+        #expect(h.store.volatileCount(database: 0) == 0)
+        h.run("SET", "d", "1", "EX", "100")
+        h.run("PERSIST", "d")
+        #expect(h.store.volatileCount(database: 0) == 0)
+        h.run("SET", "e", "1", "EX", "100")
+        h.run("DEL", "e", "missing")
+        #expect(h.store.volatileCount(database: 0) == 0)
+        #expect(h.run("DBSIZE") == .integer(3))
+    }
+
     @Test("keys expire at their absolute time, on every replica alike")
     func expiry() {
         var h = Harness()

@@ -218,14 +218,16 @@ struct ServerProcessTests {
 }
 
 extension ServerProcessTests {
-    @Test("a three-node cluster driven through redis-py while its leader is SIGKILLed: no acknowledged write lost")
+    @Test("a three-node cluster driven through redis-py while its leader is SIGKILLed: no acknowledged write lost; alone, a node answers every pipelined read with an error")
     func clusterLeaderKilled() async throws {
         let base = temporaryDirectory("cluster")
         defer { try? FileManager.default.removeItem(atPath: base) }
         let peerPorts = (0..<3).map { _ in freePort() }
         let peers = peerPorts.enumerated().map { "\($0.offset + 1)=127.0.0.1:\($0.element)" }.joined(separator: ",")
         let servers = (0..<3).map { i in
-            ServerProcess(directory: "\(base)/node\(i + 1)", extra: ["--node-id", String(i + 1), "--peer-port", String(peerPorts[i]), "--peers", peers])
+            // Nodes 2 and 3 spread their connections over two loops (requests hop to the node's loop).
+            ServerProcess(directory: "\(base)/node\(i + 1)", extra: ["--node-id", String(i + 1), "--peer-port", String(peerPorts[i]), "--peers", peers,
+                                                                    "--io-threads", i == 0 ? "1" : "2"])
         }
         for server in servers { try await server.start() }
         func leader(among candidates: [ServerProcess]) async -> ServerProcess? {
@@ -253,6 +255,17 @@ extension ServerProcessTests {
         let verified = await runTool(which("python3"), [checks, "verify", list] + ports)
         #expect(verified.status == 0, "on every node, the restarted one included: \(verified.output)")
         #expect(await first.cli("INFO", "keel").contains("keel_members:1,2,3"))
+        // Left alone, a node has no leader: a pipelined group of reads gets one error each.
+        let alone = servers[2]
+        for server in servers where server !== alone { await server.kill9() }
+        var leaderless = false
+        for _ in 0..<200 where !leaderless {
+            try await Task.sleep(for: .milliseconds(50))
+            leaderless = await alone.cli("INFO", "keel").contains("keel_leader_id:0")
+        }
+        #expect(leaderless, "the last node knows it has no leader")
+        let failures = await runTool(which("python3"), [checks, "pipelined-failures", String(alone.port)])
+        #expect(failures.status == 0, "\(failures.output)")
         for server in servers { _ = await server.stop() }
     }
 }

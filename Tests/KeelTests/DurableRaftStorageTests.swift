@@ -67,6 +67,35 @@ struct DurableRaftStorageTests {
         #expect(storage.initialState().0 == HardState(term: Term(2), votedFor: nil, commit: LogIndex(20)))
     }
 
+    @Test("entries served from memory are the log's: a replaced suffix replaces them, and nothing past the written end is served")
+    func recentEntries() async throws {
+        let fs = SimulatedFileSystem(seed: 54)
+        let (storage, _) = try DurableRaftStorage.open(path: "/node", options: LogOptions(segmentSize: 4096), initialMembership: Self.membership, fileSystem: fs)
+        defer { storage.close() }
+        let first = (1...60).map { Entry(index: LogIndex(UInt64($0)), term: Term(1), data: Array("a\($0)".utf8)) }
+        try await storage.persist(entries: first, hardState: HardState(term: Term(1), votedFor: NodeID(1), commit: LogIndex(10)))
+        #expect(try storage.entries(from: LogIndex(1), to: LogIndex(61), maxSize: 1 << 20) == first)
+        #expect(try storage.entries(from: LogIndex(5), to: LogIndex(61), maxSize: 100).count == 3, "the size limit holds for cached entries")
+        let replacement = (31...35).map { Entry(index: LogIndex(UInt64($0)), term: Term(2), data: Array("b\($0)".utf8)) }
+        try await storage.persist(entries: replacement, hardState: HardState(term: Term(2), votedFor: nil, commit: LogIndex(20)))
+        #expect(try storage.entries(from: LogIndex(1), to: LogIndex(36), maxSize: 1 << 20) == Array(first.prefix(30)) + replacement)
+        #expect(throws: RaftStorageError.unavailable) { try storage.entries(from: LogIndex(30), to: LogIndex(37), maxSize: 1 << 20) }
+
+        // A write the disk refuses: its entries were remembered, but are never served.
+        fs.setCapacity(0)
+        let refused = (36...40).map { Entry(index: LogIndex(UInt64($0)), term: Term(2), data: Array(repeating: 7, count: 3000)) }
+        await #expect(throws: StorageError.self) { try await storage.persist(entries: refused, hardState: nil) }
+        let written = storage.lastIndex
+        #expect(written < LogIndex(40))
+        #expect(throws: RaftStorageError.unavailable) { try storage.entries(from: LogIndex(30), to: written.next.next, maxSize: 1 << 20) }
+        fs.setCapacity(nil)
+        let retried = (written.rawValue + 1...41).map { Entry(index: LogIndex($0), term: Term(3), data: Array("c\($0)".utf8)) }
+        try await storage.persist(entries: retried, hardState: HardState(term: Term(3), votedFor: nil, commit: LogIndex(20)))
+        let served = try storage.entries(from: LogIndex(31), to: LogIndex(42), maxSize: 1 << 20)
+        #expect(served == replacement + refused.prefix(Int(written.rawValue) - 35) + retried)
+        #expect(served.map(\.index) == (31...41).map { LogIndex(UInt64($0)) })
+    }
+
     @Test("a snapshot is the leader's checkpoint file, sent in chunks, verified and installed by the follower, and survives its restart")
     func snapshotTransfer() async throws {
         let fs = SimulatedFileSystem(seed: 53)

@@ -276,6 +276,14 @@ def http_checks(port, http_port):
         check(error.code == 404, "404 for an unknown path")
     print("ok", flush=True)
 
+def pipelined_failures(port):
+    """A node without a leader: three pipelined GETs get three error replies, in one go."""
+    data, closed = raw(port, b"GET a\r\nGET b\r\nGET c\r\nPING\r\n", wait=8)
+    lines = data.split(b"\r\n")[:-1]
+    check(len(lines) == 4 and all(line.startswith(b"-") for line in lines[:3]) and lines[3] == b"+PONG" and not closed,
+          "one error per pipelined read, then PONG: %r" % data)
+    print("ok", flush=True)
+
 
 if __name__ == "__main__":
     command = sys.argv[1]
@@ -291,6 +299,8 @@ if __name__ == "__main__":
         writer([int(p) for p in sys.argv[3:]], limit=int(sys.argv[2]))
     elif command == "http":
         http_checks(int(sys.argv[2]), int(sys.argv[3]))
+    elif command == "pipelined-failures":
+        pipelined_failures(int(sys.argv[2]))
     elif command == "verify":
         verify(sys.argv[2], [int(p) for p in sys.argv[3:]])
     else:
