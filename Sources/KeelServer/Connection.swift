@@ -95,12 +95,19 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
             paused = true
             context.channel.setOption(ChannelOptions.autoRead, value: false).whenFailure { _ in }
         }
+        // Handled when the read is complete: everything one read brought is grouped (and
+        // answered with one write).
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
         if !busy { pump() }
+        context.fireChannelReadComplete()
     }
 
     /// Parsed requests kept waiting before the socket stops being read.
     static let pendingMax = 4096
     private var paused = false
+    private var pumping = false
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         context.close(promise: nil)
@@ -108,9 +115,14 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
 
     // MARK: - Order
 
-    /// Handles requests in order until one must wait, then flushes.
+    /// Handles requests in order until one must wait, then flushes. Never nested: an answer that
+    /// arrives while the loop below runs (a read served at once) only clears `busy`, and the loop
+    /// goes on.
     private func pump() {
+        guard !pumping else { return }
+        pumping = true
         defer {
+            pumping = false
             if paused, pending.count < Self.pendingMax / 4, let context {
                 paused = false
                 context.channel.setOption(ChannelOptions.autoRead, value: true).whenFailure { _ in }
