@@ -43,6 +43,12 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
     /// Queued commands while in MULTI.
     var transaction: [KVEntry.QueuedCommand]?
     var transactionFailed = false
+    /// Commands of the transaction the connection answers itself (PING, ECHO, SELECT): their
+    /// replies, at their place among the transaction's replies.
+    var transactionLocal: [(position: Int, reply: Reply)] = []
+    /// The database a SELECT inside the transaction chose (for the commands queued after it, and
+    /// for the connection once EXEC runs).
+    var transactionDatabase: Int?
     var watched: [KVEntry.WatchedKey] = []
     private var pending = Deque<RESPRequest>()
     private var busy = false
@@ -176,15 +182,21 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
 
     /// Runs `start`, which calls its argument once with the replies (on any thread); requests
     /// behind it wait. The hot path: no futures, and no hop when the node shares this loop.
-    func answerLater(kind: CommandKind? = nil, _ start: (@escaping @Sendable ([Reply]) -> Void) -> Void) {
+    /// `then` runs on this connection's loop with the replies, before they are written.
+    func answerLater(kind: CommandKind? = nil, then: (@Sendable ([Reply]) -> Void)? = nil,
+                     _ start: (@escaping @Sendable ([Reply]) -> Void) -> Void) {
         guard let loop = context?.eventLoop else { return }
         busy = true
         let started = kind == nil ? 0 : DispatchTime.now().uptimeNanoseconds
         start { replies in
             if loop.inEventLoop {
+                then?(replies)
                 self.answered(replies, kind: kind, started: started)
             } else {
-                loop.execute { self.answered(replies, kind: kind, started: started) }
+                loop.execute {
+                    then?(replies)
+                    self.answered(replies, kind: kind, started: started)
+                }
             }
         }
     }
@@ -237,6 +249,7 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
     }
 
     private func queue(_ name: String, _ arguments: [[UInt8]], originalName: String) {
+        if ["ping", "echo", "select"].contains(name) { return queueLocal(name, arguments) }
         guard let arity = kvCommandArity[name] else {
             transactionFailed = true
             if serverCommandNames.contains(name) {
@@ -254,7 +267,34 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
             transactionFailed = true
             return write(.error("ERR keel: '\(name)' cannot be queued in a transaction (its reply would differ between replicas)"))
         }
-        transaction?.append(KVEntry.QueuedCommand(database: database, name: name, arguments: arguments))
+        transaction?.append(KVEntry.QueuedCommand(database: transactionDatabase ?? database, name: name, arguments: arguments))
+        write(.simple("QUEUED"))
+    }
+
+    /// PING, ECHO and SELECT inside MULTI: answered by the connection at EXEC, in their place.
+    private func queueLocal(_ name: String, _ arguments: [[UInt8]]) {
+        let arityOK = switch name {
+        case "ping": arguments.count <= 1
+        default: arguments.count == 1
+        }
+        guard arityOK else {
+            transactionFailed = true
+            return write(.error("ERR wrong number of arguments for '\(name)' command"))
+        }
+        let reply: Reply
+        switch name {
+        case "ping": reply = arguments.isEmpty ? .simple("PONG") : .bulk(arguments[0])
+        case "echo": reply = .bulk(arguments[0])
+        default:
+            // As Redis: a bad index is an error in EXEC's replies; the other commands still run.
+            if let number = parseInteger(arguments[0]), (0..<Int64(KVStore.databaseCount)).contains(number) {
+                transactionDatabase = Int(number)
+                reply = .ok
+            } else {
+                reply = .error(parseInteger(arguments[0]) == nil ? "ERR value is not an integer or out of range" : "ERR DB index is out of range")
+            }
+        }
+        transactionLocal.append(((transaction?.count ?? 0) + transactionLocal.count, reply))
         write(.simple("QUEUED"))
     }
 

@@ -41,6 +41,8 @@ extension RESPConnection {
         case "reset":
             transaction = nil
             transactionFailed = false
+            transactionLocal = []
+            transactionDatabase = nil
             watched = []
             database = 0
             readonly = false
@@ -56,8 +58,7 @@ extension RESPConnection {
         case "select":
             guard let number = parseInteger(a[0]) else { return write(.error("ERR value is not an integer or out of range")) }
             guard (0..<Int64(KVStore.databaseCount)).contains(number) else { return write(.error("ERR DB index is out of range")) }
-            database = Int(number)
-            server.clients.withLockedValue { $0[id]?.database = database }
+            select(Int(number))
             write(.ok)
         case "readonly":
             readonly = true
@@ -69,10 +70,14 @@ extension RESPConnection {
             guard transaction == nil else { return write(.error("ERR MULTI calls can not be nested")) }
             transaction = []
             transactionFailed = false
+            transactionLocal = []
+            transactionDatabase = nil
             write(.ok)
         case "discard":
             guard transaction != nil else { return write(.error("ERR DISCARD without MULTI")) }
             transaction = nil
+            transactionLocal = []
+            transactionDatabase = nil
             watched = []
             write(.ok)
         case "exec":
@@ -206,15 +211,44 @@ extension RESPConnection {
     private func exec() {
         guard let queued = transaction else { return write(.error("ERR EXEC without MULTI")) }
         transaction = nil
+        let local = transactionLocal
+        let selected = transactionDatabase
+        transactionLocal = []
+        transactionDatabase = nil
         let watched = self.watched
         self.watched = []
         if transactionFailed {
             transactionFailed = false
             return write(.error("EXECABORT Transaction discarded because of previous errors."))
         }
-        if queued.isEmpty && watched.isEmpty { return write(.array([])) }
+        if queued.isEmpty && watched.isEmpty {
+            if let selected { select(selected) }
+            return write(.array(local.map(\.reply)))
+        }
         let entry = KVEntry.transaction(watched: watched, commands: queued).encoded(now: KeelServer.nowMilliseconds())
-        self.answerLater(server.node.proposeFuture(entry).map { [Reply(decoding: $0)] })
+        let node = server.node
+        answerLater(then: { replies in
+            // Not aborted by a WATCH: a SELECT inside it takes effect.
+            if let selected, case .array(_?) = replies.first { self.select(selected) }
+        }) { done in
+            node.propose(entry) { result in
+                switch result {
+                case .success(let bytes):
+                    guard case .array(var replies?) = Reply(decoding: bytes) else { return done([Reply(decoding: bytes)]) }
+                    // The connection's own replies go in their places.
+                    for (position, reply) in local { replies.insert(reply, at: min(position, replies.count)) }
+                    done([.array(replies)])
+                case .failure(let error):
+                    done([.error(RESPConnection.describe(error))])
+                }
+            }
+        }
+    }
+
+    /// Makes `number` the connection's database.
+    func select(_ number: Int) {
+        database = number
+        server.clients.withLockedValue { $0[id]?.database = number }
     }
 
     private func client(_ a: [[UInt8]]) {

@@ -1,6 +1,7 @@
 // The settings of `keel serve`.
 
 import Keel
+import NIOCore
 import KeelCore
 import KeelStorage
 
@@ -27,11 +28,14 @@ public struct ServerConfiguration: Sendable {
     public var clusterToken = "keel"
     /// Join a running cluster (as a learner a member added) instead of founding one.
     public var join = false
-    /// Event loop threads for connections (clients and peers) and the node. With one (the
-    /// default, as Redis) everything runs on one loop and nothing hops between threads; more
-    /// spread the connections (the node still runs on one of them). The log writes from its own
-    /// thread either way.
-    public var ioThreads = 1
+    /// Event loop threads for connections (clients and peers) and the node. With one everything
+    /// runs on one loop and nothing hops between threads; more spread the connections (the node
+    /// still runs on one of them). The log writes from its own thread either way. The default is
+    /// half the cores (1 to 8), leaving the rest to the log writer, the kernel and clients.
+    public var ioThreads = ServerConfiguration.defaultIOThreads
+
+    /// Half the cores, at least 1 and at most 8.
+    public static var defaultIOThreads: Int { min(8, max(1, System.coreCount / 2)) }
     /// Milliseconds per Raft tick.
     public var tickMilliseconds: Int64 = 50
 

@@ -34,7 +34,7 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Most client connections (default 10000).") var maxclients: Int?
     @Option(name: .customLong("proto-max-bulk-len"), help: "Longest bulk string in bytes (default 536870912).") var protoMaxBulkLen: Int?
     @Option(name: .customLong("client-query-buffer-limit"), help: "Most unparsed bytes per client (default 1073741824).") var queryBufferLimit: Int?
-    @Option(name: .customLong("io-threads"), help: "Event loop threads for connections and the node (default 1: everything on one loop, no thread hops).") var ioThreads: Int?
+    @Option(name: .customLong("io-threads"), help: "Event loop threads for connections and the node (default: half the cores, 1 to 8; with 1 nothing hops between threads).") var ioThreads: Int?
     @Option(name: .customLong("node-id"), help: "This node's id in a cluster (default 1).") var nodeID: UInt64?
     @Option(name: .customLong("peer-port"), help: "Port for the other nodes (default 16379).") var peerPort: Int?
     @Option(help: "Every founding member as id=host:peerport, comma-separated (this node included).") var peers: String?

@@ -172,6 +172,14 @@ def malformed(port):
     check(data == b"-ERR wrong number of arguments for 'get' command\r\n" and not closed, "arity: %r" % data)
     data, closed = raw(port, b"HELLO 3\r\nGET nothing\r\nHELLO 4\r\n")
     check(b"%7\r\n" in data and b"_\r\n" in data and b"-NOPROTO" in data, "HELLO 3 and RESP3 null: %r" % data)
+    # PING, ECHO and SELECT inside MULTI: answered in their places; SELECT applies after EXEC.
+    data, closed = raw(port, b"MULTI\r\nSET m 1\r\nSELECT 2\r\nPING\r\nSET m 2\r\nECHO hi\r\nSELECT 99\r\nEXEC\r\n"
+                             b"GET m\r\nSELECT 0\r\nGET m\r\nMULTI\r\nSELECT 5\r\nDISCARD\r\nGET m\r\n")
+    expected = (b"+OK\r\n" + b"+QUEUED\r\n" * 6 + b"*6\r\n+OK\r\n+OK\r\n+PONG\r\n+OK\r\n$2\r\nhi\r\n-ERR DB index is out of range\r\n"
+                b"$1\r\n2\r\n+OK\r\n$1\r\n1\r\n+OK\r\n+QUEUED\r\n+OK\r\n$1\r\n1\r\n")
+    check(data == expected and not closed, "PING, ECHO, SELECT in MULTI: %r" % data)
+    data, closed = raw(port, b"MULTI\r\nSELECT\r\nEXEC\r\nCONFIG GET x\r\nMULTI\r\nCONFIG GET x\r\nEXEC\r\n")
+    check(data.count(b"EXECABORT") == 2 and b"wrong number of arguments for 'select'" in data, "bad queued commands abort: %r" % data)
     # A deep pipeline (more requests than the server keeps parsed at once): every one is answered, in order.
     count = 20000
     s = socket.create_connection(("127.0.0.1", port))
