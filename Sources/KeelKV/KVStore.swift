@@ -77,12 +77,12 @@ public enum KVEntry: Sendable, Equatable {
 
     /// version u8 (1), now i64, kind u8, then the kind's fields (docs/formats/kv.md).
     public func encoded(now: Int64) -> [UInt8] {
-        var writer = ByteWriter()
+        var writer = ByteWriter(capacity: estimatedSize)
         writer.write(UInt8(1))
         writer.write(UInt64(bitPattern: now))
         func writeCommand(_ database: Int, _ name: String, _ arguments: [[UInt8]]) {
             writer.write(UInt8(database))
-            writer.writeLengthPrefixed(Array(name.utf8))
+            writer.writeLengthPrefixed(name.utf8)
             writer.write(UInt32(arguments.count))
             for argument in arguments { writer.writeLengthPrefixed(argument) }
         }
@@ -110,6 +110,19 @@ public enum KVEntry: Sendable, Equatable {
             }
         }
         return writer.bytes
+    }
+
+    /// About the encoded size (the writer's first allocation).
+    var estimatedSize: Int {
+        func command(_ name: String, _ arguments: [[UInt8]]) -> Int {
+            arguments.reduce(9 + name.utf8.count) { $0 + 4 + $1.count }
+        }
+        switch self {
+        case .command(_, let name, let arguments): return 14 + command(name, arguments)
+        case .transaction(let watched, let commands):
+            return watched.reduce(18) { $0 + 13 + $1.key.count } + commands.reduce(0) { $0 + command($1.name, $1.arguments) }
+        case .expire(let keys): return keys.reduce(14) { $0 + 13 + $1.key.count }
+        }
     }
 
     public static func decode(_ bytes: [UInt8]) throws(DecodingError) -> (now: Int64, entry: KVEntry) {
