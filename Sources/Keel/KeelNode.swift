@@ -73,6 +73,12 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     /// restart at 1 after a restart).
     private let run = UInt64.random(in: 1...UInt64.max)
     private var writes: [UInt64: Waiter<[UInt8]>] = [:]
+    /// Above zero while the node does its own work (a tick, a message, a Ready and its write's
+    /// completion), during which waiters' callbacks run: a call made from such a callback is
+    /// started on a later turn of the loop, never inside that work.
+    private var working = 0
+    /// Whether a call on the loop may start at once.
+    private var mayStartInline: Bool { loop.inEventLoop && working == 0 }
     /// When each proposal and read times out, in request order (so in deadline order); the
     /// ticker fails the expired ones (one scheduled task per request would cost a timer-heap
     /// insertion each).
@@ -225,10 +231,10 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
 
     /// `propose` for callers on event loops, without futures (a server's hot path):
     /// `completion` runs on the node's loop, once. Called on the node's loop, the proposal is
-    /// taken at once.
+    /// taken at once (called from another call's completion, on the next turn of the loop).
     public func propose(_ command: [UInt8], completion: @escaping @Sendable (Result<[UInt8], NodeError>) -> Void) {
         let waiter = Waiter(completion)
-        if loop.inEventLoop { startProposal(command, waiter) } else { loop.execute { self.startProposal(command, waiter) } }
+        if mayStartInline { startProposal(command, waiter) } else { loop.execute { self.startProposal(command, waiter) } }
     }
 
     /// `read` for callers on event loops: the future completes on the node's loop.
@@ -262,7 +268,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
             if consistency == .local { return finish(.success(self.appliedIndex)) }
             self.startRead(Waiter(finish), lease: consistency == .lease)
         }
-        if loop.inEventLoop { start() } else { loop.execute(start) }
+        if mayStartInline { start() } else { loop.execute(start) }
     }
 
     /// The event loop the node runs on.
@@ -517,6 +523,8 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     }
 
     private func tick() {
+        working += 1
+        defer { working -= 1 }
         guard stopped == nil, !closing else { return }
         ticks += 1
         let now = NIODeadline.now()
@@ -551,6 +559,8 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     }
 
     private func receive(_ message: Message) {
+        working += 1
+        defer { working -= 1 }
         guard stopped == nil, !closing else { return }
         raft.step(message)
         process()
@@ -558,6 +568,8 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
 
     /// Takes the next Ready unless one is being persisted.
     private func process() {
+        working += 1
+        defer { working -= 1 }
         guard !persisting, stopped == nil, !closing else { return }
         flushProposals()
         guard raft.hasReady else { return }
@@ -650,6 +662,8 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
 
     private func persisted(_ ready: Ready, late: [Message], _ result: Result<Void, StorageError>, installed: [UInt8]?,
                            appliedBefore: Int = 0) {
+        working += 1
+        defer { working -= 1 }
         persisting = false
         // After shutdown began, nothing more is applied or sent (its callers were failed already).
         guard !closing else { return }
@@ -879,15 +893,17 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
 
     /// Fails the proposals, membership changes and reads that wait for Raft.
     private func failWaiting(_ error: NodeError) {
+        // Emptied before anyone is told: a callback may already make a new call.
+        let (failedWrites, failedChanges, failedReads) = (writes, changes, reads)
         handedTo = [:]
-        for (_, promise) in writes { promise.fail(error) }
         writes = [:]
         proposalBuffer = []
-        for (_, promise) in changes { promise.fail(error) }
         changes = [:]
-        for (_, promise) in reads { promise.fail(error) }
         reads = [:]
         readsAwaitingApply = []
+        for (_, waiter) in failedWrites { waiter.fail(error) }
+        for (_, promise) in failedChanges { promise.fail(error) }
+        for (_, waiter) in failedReads { waiter.fail(error) }
     }
 }
 

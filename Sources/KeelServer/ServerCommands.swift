@@ -6,6 +6,7 @@ import Keel
 import KeelCore
 import KeelKV
 import KeelRaft
+import NIOConcurrencyHelpers
 import NIOCore
 
 /// Server command names with Redis's arity convention (negative: at least).
@@ -86,13 +87,24 @@ extension RESPConnection {
             guard transaction == nil else { return write(.error("ERR WATCH inside MULTI is not allowed")) }
             let database = self.database
             let keys = a
-            let future = server.node.readFuture(consistency: .linearizable) { store in
-                keys.map { KVEntry.WatchedKey(database: database, key: $0, revision: store.currentRevision(database: database, key: $0)) }
-            }.map { found -> [Reply] in
-                self.watched += found
-                return [.ok]
+            let node = server.node
+            // The revisions are read on the node's loop; `watched` changes on this connection's.
+            let found = NIOLockedValueBox<[KVEntry.WatchedKey]>([])
+            answerLater(then: { replies in
+                if replies.first == .ok { self.watched += found.withLockedValue { $0 } }
+            }) { done in
+                node.read(consistency: .linearizable, { store in
+                    keys.map { KVEntry.WatchedKey(database: database, key: $0, revision: store.currentRevision(database: database, key: $0)) }
+                }, completion: { result in
+                    switch result {
+                    case .success(let keys):
+                        found.withLockedValue { $0 = keys }
+                        done([.ok])
+                    case .failure(let error):
+                        done([.error(RESPConnection.describe(error))])
+                    }
+                })
             }
-            self.answerLater(future)
         case "unwatch":
             watched = []
             write(.ok)

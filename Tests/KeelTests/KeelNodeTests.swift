@@ -4,6 +4,7 @@ import KeelCore
 import KeelRaft
 import KeelStorage
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import Testing
@@ -229,5 +230,74 @@ extension Array {
     func asyncFirst(where predicate: (Element) async throws -> Bool) async rethrows -> Element? {
         for element in self where try await predicate(element) { return element }
         return nil
+    }
+
+}
+
+extension KeelNodeTests {
+    @Test("calls made from a completion on the node's loop: each command applied once, in order, and each read sees its write")
+    func chainedCallbacks() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let base = NSTemporaryDirectory() + "keel-node-chain-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        let ports = try await freePorts(3, group: group)
+        let nodes = try await (1...3).asyncMap { id in
+            try await KeelNode.start(configuration: configuration(UInt64(id), ports: ports, base: base), machine: TestMachine(), group: group, logger: silentLogger)
+        }
+        var elected: KeelNode<TestMachine>?
+        for _ in 0..<500 where elected == nil {
+            elected = try await leader(of: nodes)
+            if elected == nil { try await Task.sleep(for: .milliseconds(20)) }
+        }
+        let leader = try #require(elected)
+        // Followers know the leader once it has appended its first entry.
+        for node in nodes { _ = try await node.read(consistency: .linearizable) { $0.values.count } }
+        // Through a follower (its Readys may carry entries and the commit that covers them), and
+        // through the leader: every completion makes the next calls from inside the node's work.
+        for node in [nodes.first { $0 !== leader }!, leader] {
+            let count = 150
+            let prefix = "c\(ObjectIdentifier(node).hashValue & 0xffff)"
+            let reads = NIOLockedValueBox<[Int: String]>([:])
+            let failures = NIOLockedValueBox<[String]>([])
+            await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+                @Sendable func step(_ i: Int) {
+                    guard i < count else { return continuation.resume() }
+                    node.propose(Array("set \(prefix)k\(i) v\(i)".utf8)) { result in
+                        if case .failure(let error) = result { failures.withLockedValue { $0.append("propose \(i): \(error)") } }
+                        node.read(consistency: .linearizable, { $0.values["\(prefix)k\(i)"] ?? "missing" }, completion: { read in
+                            reads.withLockedValue { $0[i] = (try? read.get()) ?? "failed" }
+                        })
+                        step(i + 1)
+                    }
+                }
+                node.eventLoop.execute { step(0) }
+            }
+            #expect(failures.withLockedValue { $0 }.isEmpty, "\(failures.withLockedValue { $0 })")
+            var served = false
+            for _ in 0..<250 where !served {
+                served = reads.withLockedValue { $0.count } == count
+                if !served { try await Task.sleep(for: .milliseconds(20)) }
+            }
+            #expect(reads.withLockedValue { $0 } == Dictionary(uniqueKeysWithValues: (0..<count).map { ($0, "v\($0)") }), "each read saw its write")
+            for member in nodes {
+                var applied: [String] = []
+                for _ in 0..<250 {
+                    applied = try await member.read(consistency: .local) { $0.applied.filter { $0.hasPrefix("set \(prefix)") } }
+                    if applied.count >= count { break }
+                    try await Task.sleep(for: .milliseconds(20))
+                }
+                #expect(applied == (0..<count).map { "set \(prefix)k\($0) v\($0)" }, "every command applied once, in order, on every node")
+            }
+        }
+        for node in nodes { await node.shutdown() }
+        try await group.shutdownGracefully()
+    }
+}
+
+extension Sequence {
+    func asyncMap<T>(_ transform: (Element) async throws -> T) async rethrows -> [T] {
+        var results: [T] = []
+        for element in self { results.append(try await transform(element)) }
+        return results
     }
 }
