@@ -77,6 +77,8 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     /// completion), during which waiters' callbacks run: a call made from such a callback is
     /// started on a later turn of the loop, never inside that work.
     private var working = 0
+    /// Set when a write failed for a full disk, until this node leads again.
+    private var diskFull = false
     /// Whether a call on the loop may start at once.
     private var mayStartInline: Bool { loop.inEventLoop && working == 0 }
     /// When each proposal and read times out, in request order (so in deadline order); the
@@ -446,6 +448,12 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
             // a Ready). Served once applied (entries applied early may already cover it).
             let index = raft.commitIndex
             if index <= appliedIndex { return promise.succeed(index) }
+        } else if diskFull, appliedMembership.voters == [configuration.node], raft.status.membership.voters == [configuration.node] {
+            // The sole voter gave up leading when its disk filled (its core restarted; it leads
+            // again once a write of its own fits). No other node can commit anything, and every
+            // acknowledged write was applied before it was acknowledged: its applied state is
+            // linearizable, so reads go on.
+            return promise.succeed(appliedIndex)
         }
         let request = nextRequest
         nextRequest += 1
@@ -643,6 +651,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     private func noteSoftState(_ soft: SoftState) {
         let previous = leader
         role = soft.role
+        if role == .leader { diskFull = false }
         leader = soft.leader
         if let previous, soft.leader != previous {
             // What was handed to the old leader may never be answered (a forwarded proposal or
@@ -677,6 +686,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
             // waited, forget what was not written (as after a crash), keep serving reads, and take
             // writes again once there is room.
             failWaiting(NodeError.noSpace("\(cause)"))
+            diskFull = true
             return restartCore(because: "the disk is full (\(cause)); writes are refused until there is room", refusedSnapshot: false)
         case .failure(let error):
             // A failed fsync (or any other write error): stop taking part, and say why.

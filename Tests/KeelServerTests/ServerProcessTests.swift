@@ -336,3 +336,44 @@ extension ServerProcessTests {
         _ = await first.stop()
     }
 }
+
+extension ServerProcessTests {
+    @Test("a full disk (a small tmpfs): writes are refused with a clear error, reads go on, nothing acknowledged is lost, writes resume once there is room")
+    func fullDisk() async throws {
+        let mountPoint = temporaryDirectory("full")
+        try FileManager.default.createDirectory(atPath: mountPoint, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: mountPoint) }
+        // 96 MiB: the 64 MiB preallocated log segment, and a filler file for the rest.
+        let mounted = await runTool("/bin/mount", ["-t", "tmpfs", "-o", "size=96m", "tmpfs", mountPoint])
+        try #require(mounted.status == 0, "mounting a small tmpfs (the test runs as root, as CI does): \(mounted.output)")
+        defer { _ = Process.run("/bin/umount", [mountPoint]) }
+        let server = ServerProcess(directory: mountPoint + "/data")
+        try await server.start()
+        var info = statvfs()
+        #expect(statvfs(mountPoint, &info) == 0)
+        let free = Int(info.f_bavail) * Int(info.f_frsize)
+        let filler = mountPoint + "/filler"
+        #expect(FileManager.default.createFile(atPath: filler, contents: Data(count: max(0, free - (256 << 10)))))
+        let result = await runTool(which("python3"), [checks, "full-disk", String(server.port), filler], timeout: 120)
+        #expect(result.status == 0, "\(result.output)")
+        let acknowledged = Int(result.output.split(separator: "\n").last ?? "") ?? 0
+        #expect(await server.stop() == 0)
+        try await server.start()
+        #expect(Int(await server.cli("DBSIZE")) == acknowledged + 1, "every acknowledged write is there after a restart")
+        _ = await server.stop()
+    }
+}
+
+extension Process {
+    /// Runs a tool to completion, ignoring its output (for clean-up in `defer`).
+    static func run(_ path: String, _ arguments: [String]) -> Int32 {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: path)
+        process.arguments = arguments
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        guard (try? process.run()) != nil else { return -1 }
+        process.waitUntilExit()
+        return process.terminationStatus
+    }
+}

@@ -11,6 +11,7 @@ usage:
   redis_client_checks.py http PORT HTTPPORT         /health, /metrics (Prometheus text format), the status page, 404
 Exits 0 when every check passes; prints the failing check and exits 1 otherwise.
 """
+import os
 import socket
 import sys
 import time
@@ -284,6 +285,37 @@ def http_checks(port, http_port):
         check(error.code == 404, "404 for an unknown path")
     print("ok", flush=True)
 
+def full_disk(port, filler):
+    """The data directory's file system is nearly full (the filler takes the rest): writes are
+    refused with a clear error once the log needs room, reads go on, and writes resume once the
+    filler is gone. Prints the number of acknowledged 512 KiB values."""
+    r = redis.Redis(port=port)
+    value = lambda i: bytes([i % 251]) * (512 << 10)
+    acknowledged, refusal = 0, None
+    for i in range(1000):
+        try:
+            r.set("big:%d" % i, value(i))
+            acknowledged += 1
+        except redis.ResponseError as error:
+            refusal = str(error)
+            break
+    check(refusal is not None and "no space left on the disk" in refusal, "a full disk refuses the write: %r" % refusal)
+    check(acknowledged > 10, "writes were acknowledged before the disk filled (%d)" % acknowledged)
+    check(r.get("big:0") == value(0), "reads go on while the disk is full")
+    os.remove(filler)
+    resumed = False
+    for _ in range(150):
+        try:
+            resumed = r.set("after", "room") is True
+            break
+        except redis.ResponseError:
+            time.sleep(0.1)
+    check(resumed, "writes resume once there is room")
+    for i in range(acknowledged):
+        check(r.get("big:%d" % i) == value(i), "acknowledged value %d kept" % i)
+    print(acknowledged, flush=True)
+
+
 def pipelined_failures(port):
     """A node without a leader: three pipelined GETs get three error replies, in one go."""
     data, closed = raw(port, b"GET a\r\nGET b\r\nGET c\r\nPING\r\n", wait=8)
@@ -307,6 +339,8 @@ if __name__ == "__main__":
         writer([int(p) for p in sys.argv[3:]], limit=int(sys.argv[2]))
     elif command == "http":
         http_checks(int(sys.argv[2]), int(sys.argv[3]))
+    elif command == "full-disk":
+        full_disk(int(sys.argv[2]), sys.argv[3])
     elif command == "pipelined-failures":
         pipelined_failures(int(sys.argv[2]))
     elif command == "verify":
