@@ -37,7 +37,11 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
     let id: UInt64
     var database = 0
     var protocolVersion = 2
-    var authenticated: Bool
+    var authenticated: Bool {
+        didSet { authentication.limited = !authenticated }
+    }
+    /// The smaller request limits of a client that has not authenticated (shared with the decoder).
+    let authentication: AuthenticationLimits
     var name = ""
     var readonly = false
     /// Queued commands while in MULTI.
@@ -57,10 +61,12 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
     private weak var context: ChannelHandlerContext?
     private var address = "?"
 
-    init(server: KeelServer) {
+    init(server: KeelServer, authentication: AuthenticationLimits) {
         self.server = server
+        self.authentication = authentication
         id = server.newClientID()
         authenticated = server.configuration.requirePassword == nil
+        authentication.limited = !authenticated
     }
 
     func channelActive(context: ChannelHandlerContext) {

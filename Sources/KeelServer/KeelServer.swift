@@ -78,8 +78,10 @@ public final class KeelServer: @unchecked Sendable {
                 .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
                 .childChannelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
-                        try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(RESPRequestDecoder(limits: configuration.limits)))
-                        try channel.pipeline.syncOperations.addHandler(RESPConnection(server: server))
+                        let authentication = AuthenticationLimits(limited: configuration.requirePassword != nil)
+                        try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(RESPRequestDecoder(
+                            limits: configuration.limits, authentication: authentication, password: configuration.requirePassword)))
+                        try channel.pipeline.syncOperations.addHandler(RESPConnection(server: server, authentication: authentication))
                     }
                 }
                 .bind(host: configuration.bind, port: configuration.port).get()

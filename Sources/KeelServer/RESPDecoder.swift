@@ -24,10 +24,26 @@ public enum RESPRequest: Equatable, Sendable {
     case protocolError(String)
 }
 
+/// Whether a connection's requests are held to the smaller limits of a client that has not
+/// authenticated (Redis 7: at most 10 elements, bulk strings of at most 16 KiB), shared by the
+/// decoder and the connection on the connection's event loop.
+public final class AuthenticationLimits: @unchecked Sendable {
+    // @unchecked Sendable: used only on one channel's event loop.
+    public var limited: Bool
+    public init(limited: Bool) { self.limited = limited }
+}
+
 /// Decodes requests; stateless between requests except for the partial one it waits on.
 public struct RESPRequestDecoder: ByteToMessageDecoder {
     public typealias InboundOut = RESPRequest
     let limits: RESPLimits
+    /// With a password required: the decoder lifts the smaller limits itself as soon as it decodes
+    /// an AUTH (or HELLO … AUTH) with the right password, so what follows it in the same packet is
+    /// judged as Redis judges it (Redis handles AUTH before it parses the next request).
+    let authentication: AuthenticationLimits?
+    let password: [UInt8]?
+    static let unauthenticatedMultibulkMax: Int64 = 10
+    static let unauthenticatedBulkMax: Int64 = 16384
     private var failed = false
     /// A multibulk request being received: its elements so far are consumed from the buffer as
     /// they complete, so a request arriving in many packets is never parsed again from its start.
@@ -36,7 +52,29 @@ public struct RESPRequestDecoder: ByteToMessageDecoder {
     private var partial: [[UInt8]] = []
     private var partialBytes = 0
 
-    public init(limits: RESPLimits = RESPLimits()) { self.limits = limits }
+    public init(limits: RESPLimits = RESPLimits(), authentication: AuthenticationLimits? = nil, password: String? = nil) {
+        self.limits = limits
+        self.authentication = authentication
+        self.password = password.map { Array($0.utf8) }
+    }
+
+    private var limited: Bool { authentication?.limited ?? false }
+
+    /// AUTH [default] PASSWORD, or HELLO with AUTH default PASSWORD, with the right password.
+    private func authenticates(_ arguments: [[UInt8]]) -> Bool {
+        guard let password, let first = arguments.first else { return false }
+        func lowered(_ bytes: [UInt8]) -> [UInt8] { bytes.map { $0 >= 65 && $0 <= 90 ? $0 + 32 : $0 } }
+        switch lowered(first) {
+        case Array("auth".utf8):
+            if arguments.count == 2 { return arguments[1] == password }
+            return arguments.count == 3 && arguments[1] == Array("default".utf8) && arguments[2] == password
+        case Array("hello".utf8):
+            guard let at = arguments.firstIndex(where: { lowered($0) == Array("auth".utf8) }), at + 2 < arguments.count else { return false }
+            return arguments[at + 1] == Array("default".utf8) && arguments[at + 2] == password
+        default:
+            return false
+        }
+    }
 
     public mutating func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
         guard !failed else {
@@ -51,6 +89,7 @@ public struct RESPRequestDecoder: ByteToMessageDecoder {
             }
             return .needMoreData
         case .request(let arguments):
+            if limited, authenticates(arguments) { authentication?.limited = false }
             if !arguments.isEmpty { context.fireChannelRead(wrapInboundOut(.command(arguments))) }
             return .continue
         case .error(let message):
@@ -97,10 +136,13 @@ public struct RESPRequestDecoder: ByteToMessageDecoder {
     }
 
     private func parseNumber(_ buffer: ByteBuffer, at start: Int, length: Int) -> Int64? {
-        guard length > 0, length <= 20, let bytes = buffer.getBytes(at: start, length: length) else { return nil }
+        guard length > 0, length <= 20, start >= buffer.readerIndex, start + length <= buffer.writerIndex else { return nil }
+        let view = buffer.readableBytesView
+        let base = view.startIndex + (start - buffer.readerIndex)
         var value: Int64 = 0
         var negative = false
-        for (offset, byte) in bytes.enumerated() {
+        for offset in 0..<length {
+            let byte = view[base + offset]
             if offset == 0, byte == UInt8(ascii: "-") {
                 negative = true
                 continue
@@ -122,6 +164,7 @@ public struct RESPRequestDecoder: ByteToMessageDecoder {
         guard let count = parseNumber(buffer, at: position + 1, length: header.length - 1), count <= Int64(limits.multibulkLengthMax) else {
             return .error("ERR Protocol error: invalid multibulk length")
         }
+        if limited, count > Self.unauthenticatedMultibulkMax { return .error("ERR Protocol error: unauthenticated multibulk length") }
         buffer.moveReaderIndex(to: header.next)
         if count <= 0 { return .request([]) }
         inMultibulk = true
@@ -147,6 +190,7 @@ public struct RESPRequestDecoder: ByteToMessageDecoder {
                   length <= Int64(limits.bulkLengthMax) else {
                 return .error("ERR Protocol error: invalid bulk length")
             }
+            if limited, length > Self.unauthenticatedBulkMax { return .error("ERR Protocol error: unauthenticated bulk length") }
             position = line.next
             guard buffer.writerIndex - position >= Int(length) + 2 else { return .needMoreData }
             partial.append(buffer.getBytes(at: position, length: Int(length))!)

@@ -5,8 +5,9 @@ import Testing
 
 @Suite("The RESP request decoder")
 struct RESPDecoderTests {
-    func decode(_ chunks: [[UInt8]], limits: RESPLimits = RESPLimits()) throws -> [RESPRequest] {
-        let channel = EmbeddedChannel(handler: ByteToMessageHandler(RESPRequestDecoder(limits: limits)))
+    func decode(_ chunks: [[UInt8]], limits: RESPLimits = RESPLimits(), authentication: AuthenticationLimits? = nil,
+                password: String? = nil) throws -> [RESPRequest] {
+        let channel = EmbeddedChannel(handler: ByteToMessageHandler(RESPRequestDecoder(limits: limits, authentication: authentication, password: password)))
         var requests: [RESPRequest] = []
         for chunk in chunks {
             try channel.writeInbound(ByteBuffer(bytes: chunk))
@@ -39,5 +40,28 @@ struct RESPDecoderTests {
         small.queryBufferMax = 1024
         let refused = try decode(pieces, limits: small)
         #expect(refused == [.protocolError("ERR Protocol error: query buffer exceeds the limit")], "elements already taken count toward the limit")
+    }
+
+    @Test("before AUTH: at most 10 elements and 16 KiB bulk strings (Redis 7); the right AUTH lifts the limits for what follows it")
+    func unauthenticatedLimits() throws {
+        func request(_ words: [String]) -> [UInt8] {
+            Array("*\(words.count)\r\n".utf8) + words.flatMap { Array("$\($0.utf8.count)\r\n\($0)\r\n".utf8) }
+        }
+        let wide = request(["MSET"] + (0..<10).map { "k\($0)" })
+        let big = request(["SET", "k", String(repeating: "x", count: 16385)])
+        let locked = AuthenticationLimits(limited: true)
+        #expect(try decode([wide], authentication: locked, password: "pw") == [.protocolError("ERR Protocol error: unauthenticated multibulk length")])
+        #expect(try decode([big], authentication: AuthenticationLimits(limited: true), password: "pw")
+            == [.protocolError("ERR Protocol error: unauthenticated bulk length")])
+        // A wrong password keeps them; the right one (AUTH pw, AUTH default pw, HELLO 3 AUTH default pw) lifts them.
+        let wrong = try decode([request(["AUTH", "nope"]) + big], authentication: AuthenticationLimits(limited: true), password: "pw")
+        #expect(wrong.last == .protocolError("ERR Protocol error: unauthenticated bulk length"))
+        for auth in [["AUTH", "pw"], ["auth", "default", "pw"], ["HELLO", "3", "AUTH", "default", "pw"]] {
+            let state = AuthenticationLimits(limited: true)
+            let decoded = try decode([request(auth) + big + wide], authentication: state, password: "pw")
+            #expect(decoded.count == 3 && !state.limited, "\(auth): \(decoded.count) requests")
+        }
+        // Without a password required nothing is limited.
+        #expect(try decode([wide, big], authentication: AuthenticationLimits(limited: false)).count == 2)
     }
 }

@@ -204,6 +204,14 @@ def auth(port, password):
     data, closed = raw(port, b"GET a\r\nAUTH wrong\r\nAUTH " + password.encode() + b"\r\nPING\r\n")
     check(data == b"-NOAUTH Authentication required.\r\n-WRONGPASS invalid username-password pair or user is disabled.\r\n+OK\r\n+PONG\r\n",
           "requirepass: %r" % data)
+    # Before AUTH, Redis 7's smaller limits: 10 elements, 16 KiB bulk strings; then the connection closes.
+    data, closed = raw(port, b"*11\r\n$4\r\nMSET\r\n")
+    check(data.startswith(b"-ERR Protocol error: unauthenticated multibulk length") and closed, "unauthenticated multibulk: %r" % data)
+    data, closed = raw(port, b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$16385\r\n")
+    check(data.startswith(b"-ERR Protocol error: unauthenticated bulk length") and closed, "unauthenticated bulk: %r" % data)
+    big = b"x" * 20000
+    data, closed = raw(port, b"AUTH " + password.encode() + b"\r\n*3\r\n$3\r\nSET\r\n$3\r\nbig\r\n$20000\r\n" + big + b"\r\n")
+    check(data == b"+OK\r\n+OK\r\n" and not closed, "after AUTH in the same packet, the usual limits: %r" % data[:80])
     r = redis.Redis(port=port, password=password, decode_responses=True)
     check(r.set("k", "v") and r.get("k") == "v", "redis-py with a password")
     r3 = redis.Redis(port=port, password=password, protocol=3, decode_responses=True)
