@@ -120,6 +120,11 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
     static let pendingMax = 4096
     private var paused = false
     private var pumping = false
+    /// Counted here and added to the server's counters once per burst.
+    private var processed = 0
+    private var errors = 0
+    private var lastCommand = ""
+    private var lastCommandChanged = false
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         context.close(promise: nil)
@@ -146,15 +151,34 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
                 write(.error(message))
                 closeAfterFlush()
             case .command(let arguments):
-                server.stats.withLockedValue { $0.commandsProcessed += 1 }
+                processed += 1
                 handle(arguments)
             }
         }
+        // The shared counters and CLIENT LIST's last command: once per burst, not per request.
+        if processed > 0 || errors > 0 {
+            let (count, failed) = (processed, errors)
+            server.stats.withLockedValue {
+                $0.commandsProcessed += count
+                $0.errorReplies += failed
+            }
+            processed = 0
+            errors = 0
+        }
+        publishLastCommand()
         flush()
     }
 
+    /// Puts this connection's last command where CLIENT LIST and INFO read it.
+    func publishLastCommand() {
+        guard lastCommandChanged else { return }
+        lastCommandChanged = false
+        let name = lastCommand
+        server.clients.withLockedValue { $0[id]?.lastCommand = name }
+    }
+
     func write(_ reply: Reply) {
-        if reply.isError { server.stats.withLockedValue { $0.errorReplies += 1 } }
+        if reply.isError { errors += 1 }
         guard let context else { return }
         if output == nil { output = context.channel.allocator.buffer(capacity: 256) }
         output!.writeReply(reply, protocol: protocolVersion)
@@ -241,7 +265,10 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
     private func handle(_ arguments: [[UInt8]]) {
         let name = String(decoding: arguments[0], as: UTF8.self).lowercased()
         let rest = Array(arguments.dropFirst())
-        server.clients.withLockedValue { $0[id]?.lastCommand = name }
+        if name != lastCommand {
+            lastCommand = name
+            lastCommandChanged = true
+        }
         if !authenticated, !["auth", "hello", "quit"].contains(name) {
             return write(.error("NOAUTH Authentication required."))
         }
@@ -317,7 +344,7 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
             while group.count < 1024, bytes < 1 << 20, let next = nextKeyValue(now: now), next.command.isWrite {
                 bytes += next.arguments.reduce(0) { $0 + $1.count }
                 pending.removeFirst()
-                server.stats.withLockedValue { $0.commandsProcessed += 1 }
+                processed += 1
                 group.append(.command(database: database, name: next.name, arguments: next.arguments))
             }
             let node = server.node
@@ -358,7 +385,7 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
             var group = [command]
             while group.count < 1024, let next = nextKeyValue(now: now), !next.command.isWrite {
                 pending.removeFirst()
-                server.stats.withLockedValue { $0.commandsProcessed += 1 }
+                processed += 1
                 group.append(next.command)
             }
             let database = self.database

@@ -264,6 +264,7 @@ extension RESPConnection {
     }
 
     private func client(_ a: [[UInt8]]) {
+        publishLastCommand()
         let sub = String(decoding: a[0], as: UTF8.self).lowercased()
         switch (sub, a.count) {
         case ("setname", 2):

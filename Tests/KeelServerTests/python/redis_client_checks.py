@@ -113,6 +113,7 @@ def basic(port, protocol):
     check(r.client_setname("checker") and r.client_getname() == "checker", "CLIENT SETNAME/GETNAME")
     check(isinstance(r.client_id(), int), "CLIENT ID")
     check("checker" in str(r.client_list()), "CLIENT LIST")
+    check(r.client_info().get("cmd") == "client", "CLIENT INFO shows its own command: %s" % r.client_info())
     check(r.config_get("appendfsync").get("appendfsync") in ("always", "everysec", "never"), "CONFIG GET")
     check(len(r.time()) == 2, "TIME")
     check(r.echo("hi") == "hi", "ECHO")
