@@ -120,6 +120,16 @@ public protocol FileSystem: Sendable {
     /// the file grows to at least `offset + length`, and the new bytes read as zeros).
     func allocate(_ handle: OpenFile, offset: Int, length: Int) throws(FileSystemError)
 
+    /// Writes zeros over a range (the blocks are then written, not merely reserved: an
+    /// fdatasync of later overwrites need not commit extent metadata). By default the same as
+    /// `allocate` (a simulated file reads zeros either way).
+    func zeroFill(_ handle: OpenFile, offset: Int, length: Int) throws(FileSystemError)
+
+    /// Whether `zeroFill` writes blocks for real (and so is worth doing ahead of time, on another
+    /// thread). False by default: the simulated file system stays deterministic, with no thread
+    /// of the log's own touching it in the background.
+    var zeroFillWritesBlocks: Bool { get }
+
     /// Renames a file, replacing `destination` if it exists (rename).
     func rename(_ source: String, to destination: String) throws(FileSystemError)
 
@@ -194,4 +204,12 @@ func parentDirectory(of path: String) -> String {
     guard let slash = path.lastIndex(of: "/") else { return "." }
     if slash == path.startIndex { return "/" }
     return String(path[path.startIndex..<slash])
+}
+
+extension FileSystem {
+    public func zeroFill(_ handle: OpenFile, offset: Int, length: Int) throws(FileSystemError) {
+        try allocate(handle, offset: offset, length: length)
+    }
+
+    public var zeroFillWritesBlocks: Bool { false }
 }

@@ -111,6 +111,19 @@ public struct POSIXFileSystem: FileSystem {
         if code != 0 { throw failure("fallocate", describe(handle), code) }
     }
 
+    public var zeroFillWritesBlocks: Bool { true }
+
+    public func zeroFill(_ handle: OpenFile, offset: Int, length: Int) throws(FileSystemError) {
+        try allocate(handle, offset: offset, length: length)
+        let zeros = [UInt8](repeating: 0, count: min(length, 1 << 20))
+        var at = offset
+        while at < offset + length {
+            let count = min(zeros.count, offset + length - at)
+            try write(handle, count == zeros.count ? zeros : [UInt8](repeating: 0, count: count), at: at)
+            at += count
+        }
+    }
+
     public func rename(_ source: String, to destination: String) throws(FileSystemError) {
         if Glibc.rename(source, destination) != 0 { throw failure("rename", "\(source) -> \(destination)", errno) }
     }

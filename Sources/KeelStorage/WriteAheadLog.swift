@@ -39,6 +39,11 @@ public struct LogOptions: Sendable, Equatable {
     public var everysecIntervalMilliseconds: Int = 1000
     /// Bounds on entries and queues.
     public var limits = Limits()
+    /// Whether the next segment is zero-filled on a background thread ahead of the rotation that
+    /// needs it (and a new log's first segment zero-filled when it is created). nil, the default:
+    /// when the file system's zero-fill writes blocks for real (POSIX yes; the simulated file
+    /// system no, so it stays deterministic).
+    public var prepareSegments: Bool?
 
     public init(fsyncPolicy: FsyncPolicy = .always, segmentSize: Int = 64 * 1024 * 1024, limits: Limits = Limits()) {
         self.fsyncPolicy = fsyncPolicy
@@ -205,7 +210,9 @@ public final class WriteAheadLog: @unchecked Sendable {
             if let newest = segments.last {
                 precondition(newest.lastIndex.next == nextIndex, "the log must continue from its newest segment")
             } else {
-                segments.append(try Self.createSegment(directory: directory, firstIndex: nextIndex, fileSystem: fileSystem, size: options.segmentSize))
+                // A new log's first segment is zero-filled here (later ones are prepared ahead).
+                segments.append(try Self.createSegment(directory: directory, firstIndex: nextIndex, fileSystem: fileSystem, size: options.segmentSize,
+                                                       zeroFill: options.prepareSegments ?? fileSystem.zeroFillWritesBlocks))
             }
         } catch {
             for segment in segments { fileSystem.close(segment.handle) }
@@ -221,6 +228,100 @@ public final class WriteAheadLog: @unchecked Sendable {
         thread.name = "keel-log-writer"
         writerThread = thread
         thread.start()
+        // A prepared segment left by a crash is not trusted (it may be half written): start over.
+        let stale = joinPath(directory, Self.preparedName)
+        if fileSystem.exists(stale) { try? fileSystem.remove(stale) }
+        prepareNextSegment()
+    }
+
+    // MARK: - The next segment, prepared ahead
+
+    /// The name of the next segment while it is prepared: not a segment name, so recovery and
+    /// inspection never read it.
+    static let preparedName = "next-segment.tmp"
+
+    private enum Preparation { case none, preparing, ready, closed }
+
+    /// The next segment is zero-filled and synced on a background queue ahead of the rotation
+    /// that needs it (as etcd's file pipeline). Writing zeros, not only reserving blocks, matters:
+    /// an fdatasync after overwriting written blocks needs no journal commit for the extents, which
+    /// made keel serve's fsync-every-write throughput about 17% higher on ext4. A rotation takes
+    /// it when ready (a header, a sync, a rename, a directory sync) and otherwise creates the
+    /// segment itself, as before.
+    private let preparation = Locked(Preparation.none)
+    private let preparer = DispatchQueue(label: "keel.log.prepare")
+
+    /// Whether the next segment is prepared (for tests).
+    var nextSegmentIsPrepared: Bool { preparation.withLock { if case .ready = $0 { true } else { false } } }
+
+    private var preparesSegments: Bool { options.prepareSegments ?? fileSystem.zeroFillWritesBlocks }
+
+    private func prepareNextSegment() {
+        guard preparesSegments else { return }
+        let start = preparation.withLock { state -> Bool in
+            guard case .none = state else { return false }
+            state = .preparing
+            return true
+        }
+        guard start else { return }
+        let path = joinPath(directory, Self.preparedName)
+        let (fileSystem, size) = (self.fileSystem, options.segmentSize)
+        preparer.async { [preparation] in
+            do throws(FileSystemError) {
+                let handle = try fileSystem.open(path, options: [.create, .truncate])
+                defer { fileSystem.close(handle) }
+                // Reserved whole first (a full disk fails at once), then zeroed in pieces, so that
+                // closing the log need not wait for all of it.
+                try fileSystem.allocate(handle, offset: 0, length: size)
+                var at = 0
+                while at < size {
+                    guard preparation.withLock({ if case .preparing = $0 { true } else { false } }) else {
+                        throw FileSystemError(kind: .other, errno: 0, operation: "prepare", path: path)
+                    }
+                    let count = min(4 << 20, size - at)
+                    try fileSystem.zeroFill(handle, offset: at, length: count)
+                    at += count
+                }
+                try fileSystem.synchronize(handle)
+                preparation.withLock { state in if case .preparing = state { state = .ready } }
+            } catch {
+                // (A full disk, typically: the rotation creates the segment itself, and reports.)
+                try? fileSystem.remove(path)
+                preparation.withLock { state in if case .preparing = state { state = .none } }
+            }
+        }
+    }
+
+    /// Turns the prepared file into the segment starting at `firstIndex`; nil if none is ready
+    /// or a step failed (then the caller creates the segment itself).
+    private func takePreparedSegment(firstIndex: LogIndex) -> Segment? {
+        let ready = preparation.withLock { state -> Bool in
+            guard case .ready = state else { return false }
+            state = .none
+            return true
+        }
+        guard ready else { return nil }
+        let prepared = joinPath(directory, Self.preparedName)
+        let name = LogFormat.segmentName(firstIndex: firstIndex)
+        do throws(FileSystemError) {
+            let handle = try fileSystem.open(prepared, options: [])
+            do throws(FileSystemError) {
+                // The header is durable before the file takes a segment's name.
+                try fileSystem.write(handle, LogFormat.encodeSegmentHeader(firstIndex: firstIndex), at: 0)
+                try fileSystem.synchronize(handle)
+                try fileSystem.rename(prepared, to: joinPath(directory, name))
+                try fileSystem.synchronizeDirectory(directory)
+            } catch {
+                fileSystem.close(handle)
+                throw error
+            }
+            let header = LogFormat.segmentHeaderSize
+            return Segment(name: name, handle: handle, firstIndex: firstIndex, lastIndex: LogIndex(firstIndex.rawValue - 1),
+                           dataEnd: header, offsets: [], terms: [], syncedEnd: header, lastMarker: header)
+        } catch {
+            try? fileSystem.remove(prepared)
+            return nil
+        }
     }
 
     /// Opens the log of a data directory for explicit-index writes (Raft's log): recovers the
@@ -483,6 +584,9 @@ public final class WriteAheadLog: @unchecked Sendable {
         queueLock.signal()
         queueLock.unlock()
         writerDone.wait()
+        // A preparation under way stops (at its next piece) before the log is closed, and no new one starts.
+        preparation.withLock { $0 = .closed }
+        preparer.sync {}
         table.withLock { table in
             for segment in table.segments { fileSystem.close(segment.handle) }
             table.isClosed = true
@@ -795,23 +899,33 @@ public final class WriteAheadLog: @unchecked Sendable {
 
     /// Creates the next segment and makes it the current one.
     private func startSegment(firstIndex: LogIndex) throws(WriteFailure) -> Segment {
-        let segment = try attempt { () throws(FileSystemError) -> Segment in
-            try Self.createSegment(directory: directory, firstIndex: firstIndex, fileSystem: fileSystem, size: options.segmentSize)
+        let segment: Segment
+        if let prepared = takePreparedSegment(firstIndex: firstIndex) {
+            segment = prepared
+        } else {
+            segment = try attempt { () throws(FileSystemError) -> Segment in
+                try Self.createSegment(directory: directory, firstIndex: firstIndex, fileSystem: fileSystem, size: options.segmentSize)
+            }
         }
         table.withLock { $0.segments.append(segment) }
+        prepareNextSegment()
         return segment
     }
 
-    /// Creates a segment file: header, preallocation, sync, directory sync. On ENOSPC the file is
+    /// Creates a segment file: header, preallocation (zero-filled when asked), sync, directory sync. On ENOSPC the file is
     /// removed again (and the removal synced); if that cleanup fails the error is not ENOSPC, so
     /// the writer stops rather than leave a stray segment behind.
-    static func createSegment(directory: String, firstIndex: LogIndex, fileSystem: any FileSystem, size: Int) throws(FileSystemError) -> Segment {
+    static func createSegment(directory: String, firstIndex: LogIndex, fileSystem: any FileSystem, size: Int,
+                              zeroFill: Bool = false) throws(FileSystemError) -> Segment {
         let name = LogFormat.segmentName(firstIndex: firstIndex)
         let path = joinPath(directory, name)
         let handle = try fileSystem.open(path, options: [.create, .truncate])
         do {
             try fileSystem.write(handle, LogFormat.encodeSegmentHeader(firstIndex: firstIndex), at: 0)
             try fileSystem.allocate(handle, offset: 0, length: size)
+            if zeroFill, size > LogFormat.segmentHeaderSize {
+                try fileSystem.zeroFill(handle, offset: LogFormat.segmentHeaderSize, length: size - LogFormat.segmentHeaderSize)
+            }
             try fileSystem.synchronize(handle)
             try fileSystem.synchronizeDirectory(directory)
         } catch {

@@ -15,10 +15,12 @@ struct ExplicitIndexLogTests {
         range.map { LogEntry(index: LogIndex($0), term: Term(term), payload: Array("\(tag)\($0)@\(term)".utf8) + [UInt8](repeating: 0, count: 60)) }
     }
 
-    static func open(_ fs: any FileSystem, segmentSize: Int = 4096) throws -> (DataDirectory, WriteAheadLog, RecoveryReport) {
+    static func open(_ fs: any FileSystem, segmentSize: Int = 4096, prepareSegments: Bool? = nil) throws -> (DataDirectory, WriteAheadLog, RecoveryReport) {
         let directory = try DataDirectory(path: "/raft", fileSystem: fs)
         do {
-            let (log, report) = try WriteAheadLog.open(in: directory, options: LogOptions(segmentSize: segmentSize))
+            var options = LogOptions(segmentSize: segmentSize)
+            options.prepareSegments = prepareSegments
+            let (log, report) = try WriteAheadLog.open(in: directory, options: options)
             return (directory, log, report)
         } catch {
             directory.unlock()
@@ -41,6 +43,86 @@ struct ExplicitIndexLogTests {
     static func contents(_ log: WriteAheadLog) throws -> [LogEntry] {
         guard log.lastIndex >= log.firstIndex else { return [] }
         return try (log.firstIndex.rawValue...log.lastIndex.rawValue).map { try log.entry(at: LogIndex($0)) }
+    }
+
+    @Test("the next segment is prepared ahead (zero-filled, synced) and a rotation takes it; a prepared file left by a crash is removed")
+    func preparedSegments() async throws {
+        let fs = SimulatedFileSystem(seed: 47)
+        var (directory, log, _) = try Self.open(fs, prepareSegments: true)
+        let prepared = "/raft/log/" + WriteAheadLog.preparedName
+        func waitPrepared() async throws {
+            for _ in 0..<500 where !log.nextSegmentIsPrepared { try await Task.sleep(for: .milliseconds(2)) }
+            #expect(log.nextSegmentIsPrepared)
+        }
+        var written: [LogEntry] = []
+        var index: UInt64 = 1
+        for rotation in 0..<4 {
+            try await waitPrepared()
+            let renamesBefore = fs.counters.renames
+            let segmentsBefore = log.segmentNames.count
+            // Enough to fill the newest 4 KiB segment and start the next.
+            let batch = Self.entries(index...(index + 39), term: 1, tag: "r\(rotation)-")
+            for entry in batch { try await Self.write(log, [entry]) }
+            written += batch
+            index += 40
+            #expect(log.segmentNames.count > segmentsBefore, "rotated")
+            #expect(fs.counters.renames > renamesBefore, "the rotation took the prepared segment (renamed it)")
+        }
+        #expect(try Self.contents(log) == written)
+        try await waitPrepared()
+        #expect(fs.exists(prepared))
+        log.close()
+        directory.unlock()
+        // A crash leaves a prepared file (possibly half written): the next open removes it, and
+        // the log is whole.
+        fs.crash()
+        fs.restart(mode: .dropUnsynced)
+        // (Its directory entry was never synced, so it may be gone; leave a damaged one instead.)
+        let stale = try fs.open(prepared, options: [.create, .truncate])
+        try fs.write(stale, Array(repeating: 0xAB, count: 100), at: 0)
+        try fs.synchronize(stale)
+        fs.close(stale)
+        try fs.synchronizeDirectory("/raft/log")
+        (directory, log, _) = try Self.open(fs, prepareSegments: true)
+        #expect(try Self.contents(log) == written)
+        #expect(fs.contents(of: prepared).map { !$0.contains(0xAB) } ?? true, "the damaged prepared file is gone (or prepared again)")
+        #expect(log.segmentNames.allSatisfy { LogFormat.firstIndex(fromSegmentName: $0) != nil }, "\(log.segmentNames)")
+        try await waitPrepared()
+        log.close()
+        directory.unlock()
+    }
+
+    @Test("on a real disk: a new log's first segment and the prepared next one are zero-filled files of the segment size; rotations take the prepared one")
+    func preparedSegmentsOnDisk() async throws {
+        let path = NSTemporaryDirectory() + "keel-prepared-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let fs = POSIXFileSystem()
+        let directory = try DataDirectory(path: path, fileSystem: fs)
+        let log: WriteAheadLog
+        do { (log, _) = try WriteAheadLog.open(in: directory, options: LogOptions(segmentSize: 256 << 10)) } catch {
+            directory.unlock()
+            throw error
+        }
+        let prepared = path + "/log/" + WriteAheadLog.preparedName
+        for _ in 0..<2000 where !log.nextSegmentIsPrepared { try await Task.sleep(for: .milliseconds(1)) }
+        #expect(log.nextSegmentIsPrepared, "prepared on a real file system by default")
+        let bytes = try #require(FileManager.default.contents(atPath: prepared))
+        #expect(bytes.count == 256 << 10 && bytes.allSatisfy { $0 == 0 })
+        let first = try #require(FileManager.default.contents(atPath: path + "/log/" + log.segmentNames[0]))
+        #expect(first.count == 256 << 10 && first[LogFormat.segmentHeaderSize...].allSatisfy { $0 == 0 }, "the first segment is zero-filled")
+        var written: [LogEntry] = []
+        var index: UInt64 = 1
+        while log.segmentNames.count < 4 {
+            for _ in 0..<2000 where !log.nextSegmentIsPrepared { try await Task.sleep(for: .milliseconds(1)) }
+            let batch = Self.entries(index...(index + 99), term: 1).map { LogEntry(index: $0.index, term: $0.term, payload: $0.payload + [UInt8](repeating: 7, count: 900)) }
+            try await Self.write(log, batch)
+            written += batch
+            index += 100
+        }
+        #expect(try Self.contents(log) == written)
+        #expect(log.segmentNames.allSatisfy { LogFormat.firstIndex(fromSegmentName: $0) != nil })
+        log.close()
+        directory.unlock()
     }
 
     @Test("entries, their terms and the hard state come back after a restart")
