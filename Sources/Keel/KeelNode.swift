@@ -685,7 +685,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
             // A full disk (DESIGN contract 3): the log cut back to its last record; refuse what
             // waited, forget what was not written (as after a crash), keep serving reads, and take
             // writes again once there is room.
-            failWaiting(NodeError.noSpace("\(cause)"))
+            failAfterFullDisk(ready, cause: "\(cause)")
             diskFull = true
             return restartCore(because: "the disk is full (\(cause)); writes are refused until there is room", refusedSnapshot: false)
         case .failure(let error):
@@ -899,6 +899,31 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         checkpointWaiters = []
         transfer?.promise.fail(error)
         transfer = nil
+    }
+
+    /// After a full disk: the proposals whose entries were in the failed write, or not yet handed
+    /// to Raft, were refused (`noSpace`); the others were handed to Raft earlier (durable here,
+    /// or forwarded) and may still commit (`interrupted`); reads are retried (`noLeader`: the
+    /// core restarts without one).
+    private func failAfterFullDisk(_ ready: Ready, cause: String) {
+        var refused = Set(proposalBuffer.map(\.request))
+        for entry in ready.entries where entry.kind == .normal {
+            if let (tag, _) = CommandRecord.decode(entry.data), tag.origin == configuration.node.rawValue, tag.run == run {
+                refused.insert(tag.request)
+            }
+        }
+        let (failedWrites, failedChanges, failedReads) = (writes, changes, reads)
+        handedTo = [:]
+        writes = [:]
+        proposalBuffer = []
+        changes = [:]
+        reads = [:]
+        readsAwaitingApply = []
+        for (request, waiter) in failedWrites {
+            waiter.fail(refused.contains(request) ? NodeError.noSpace(cause) : NodeError.interrupted("the disk filled: \(cause)"))
+        }
+        for (_, promise) in failedChanges { promise.fail(NodeError.interrupted("the disk filled: \(cause)")) }
+        for (_, waiter) in failedReads { waiter.fail(NodeError.noLeader) }
     }
 
     /// Fails the proposals, membership changes and reads that wait for Raft.

@@ -61,6 +61,9 @@ public enum NodeError: Error, Sendable, Equatable, CustomStringConvertible {
     case invalidArgument(String)
     /// Raft refused the request (for example a membership change while another is under way).
     case refused(String)
+    /// The node restarted its Raft core (after a full disk) while the write waited, after the
+    /// write had been handed to Raft: its outcome is unknown (it may still commit).
+    case interrupted(String)
 
     public var description: String {
         switch self {
@@ -74,6 +77,7 @@ public enum NodeError: Error, Sendable, Equatable, CustomStringConvertible {
         case .noSpace(let reason): "keel: the disk is full; the write was refused (\(reason))"
         case .invalidArgument(let reason): "keel: invalid argument: \(reason)"
         case .refused(let reason): "keel: refused: \(reason)"
+        case .interrupted(let reason): "keel: interrupted (\(reason)); the outcome is unknown"
         }
     }
 

@@ -156,17 +156,21 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
             }
         }
         // The shared counters and CLIENT LIST's last command: once per burst, not per request.
-        if processed > 0 || errors > 0 {
-            let (count, failed) = (processed, errors)
-            server.stats.withLockedValue {
-                $0.commandsProcessed += count
-                $0.errorReplies += failed
-            }
-            processed = 0
-            errors = 0
-        }
+        publishCounters()
         publishLastCommand()
         flush()
+    }
+
+    /// Adds this connection's counts to the server's (INFO, /metrics).
+    func publishCounters() {
+        guard processed > 0 || errors > 0 else { return }
+        let (count, failed) = (processed, errors)
+        server.stats.withLockedValue {
+            $0.commandsProcessed += count
+            $0.errorReplies += failed
+        }
+        processed = 0
+        errors = 0
     }
 
     /// Puts this connection's last command where CLIENT LIST and INFO read it.
@@ -257,6 +261,7 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
         case .noSpace(let reason): return "ERR keel: no space left on the disk; the write was refused (\(reason))"
         case .invalidArgument(let reason): return "ERR \(reason)"
         case .refused(let reason): return "ERR keel: \(reason)"
+        case .interrupted(let reason): return "ERR keel: interrupted (\(reason)); the write may or may not have been applied"
         }
     }
 

@@ -60,17 +60,17 @@ public struct RESPRequestDecoder: ByteToMessageDecoder {
 
     private var limited: Bool { authentication?.limited ?? false }
 
-    /// AUTH [default] PASSWORD, or HELLO with AUTH default PASSWORD, with the right password.
+    /// AUTH [default] PASSWORD, or a valid HELLO with AUTH default PASSWORD, with the right
+    /// password: exactly what the connection accepts (`HelloRequest`, `credentialsMatch`).
     private func authenticates(_ arguments: [[UInt8]]) -> Bool {
         guard let password, let first = arguments.first else { return false }
-        func lowered(_ bytes: [UInt8]) -> [UInt8] { bytes.map { $0 >= 65 && $0 <= 90 ? $0 + 32 : $0 } }
-        switch lowered(first) {
+        switch lowercasedASCII(first) {
         case Array("auth".utf8):
-            if arguments.count == 2 { return arguments[1] == password }
-            return arguments.count == 3 && arguments[1] == Array("default".utf8) && arguments[2] == password
+            if arguments.count == 2 { return credentialsMatch(user: Array("default".utf8), password: arguments[1], required: password) }
+            return arguments.count == 3 && credentialsMatch(user: arguments[1], password: arguments[2], required: password)
         case Array("hello".utf8):
-            guard let at = arguments.firstIndex(where: { lowered($0) == Array("auth".utf8) }), at + 2 < arguments.count else { return false }
-            return arguments[at + 1] == Array("default".utf8) && arguments[at + 2] == password
+            guard case .success(let hello) = HelloRequest.parse(Array(arguments.dropFirst())), let credentials = hello.credentials else { return false }
+            return credentialsMatch(user: credentials.user, password: credentials.password, required: password)
         default:
             return false
         }
@@ -287,4 +287,53 @@ func splitInline(_ line: [UInt8]) -> [[UInt8]]? {
         }
         arguments.append(current)
     }
+}
+
+/// ASCII letters lowered (command names and options).
+func lowercasedASCII(_ bytes: [UInt8]) -> [UInt8] { bytes.map { $0 >= 65 && $0 <= 90 ? $0 + 32 : $0 } }
+
+/// Whether the credentials, as sent, are the default user's required password (bytes compared).
+func credentialsMatch(user: [UInt8], password: [UInt8], required: [UInt8]?) -> Bool {
+    guard let required else { return false }
+    return user == Array("default".utf8) && password == required
+}
+
+/// HELLO [protover [AUTH username password] [SETNAME clientname]], parsed and checked whole
+/// before anything takes effect (as Redis).
+struct HelloRequest {
+    var version: Int?
+    var credentials: (user: [UInt8], password: [UInt8])?
+    var name: String?
+
+    static func parse(_ a: [[UInt8]]) -> Result<HelloRequest, HelloError> {
+        var hello = HelloRequest()
+        var index = 0
+        if let first = a.first {
+            guard let requested = Int64(String(decoding: first, as: UTF8.self)) else { return .failure(.message("ERR Protocol version is not an integer or out of range")) }
+            guard requested == 2 || requested == 3 else { return .failure(.message("NOPROTO unsupported protocol version")) }
+            hello.version = Int(requested)
+            index = 1
+        }
+        while index < a.count {
+            let option = lowercasedASCII(a[index])
+            if option == Array("auth".utf8), index + 2 < a.count {
+                hello.credentials = (a[index + 1], a[index + 2])
+                index += 3
+            } else if option == Array("setname".utf8), index + 1 < a.count {
+                let name = String(decoding: a[index + 1], as: UTF8.self)
+                guard !a[index + 1].contains(where: { $0 == UInt8(ascii: " ") || $0 == UInt8(ascii: "\n") || $0 == UInt8(ascii: "\r") }) else {
+                    return .failure(.message("ERR Client names cannot contain spaces, newlines or special characters."))
+                }
+                hello.name = name
+                index += 2
+            } else {
+                return .failure(.message("ERR Syntax error in HELLO option '\(String(decoding: a[index], as: UTF8.self).lowercased())'"))
+            }
+        }
+        return .success(hello)
+    }
+}
+
+enum HelloError: Error {
+    case message(String)
 }

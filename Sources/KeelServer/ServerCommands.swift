@@ -53,7 +53,7 @@ extension RESPConnection {
             write(.simple("RESET"))
         case "auth":
             guard a.count <= 2 else { return write(.error("ERR syntax error")) }
-            authenticate(user: a.count == 2 ? text(0) : "default", password: text(a.count - 1), reply: true)
+            authenticate(user: a.count == 2 ? a[0] : Array("default".utf8), password: a[a.count - 1], reply: true)
         case "hello":
             hello(a)
         case "select":
@@ -118,6 +118,7 @@ extension RESPConnection {
             let now = KeelServer.nowMilliseconds()
             write(.array([.bulk(String(now / 1000)), .bulk(String((now % 1000) * 1000))]))
         case "info":
+            publishCounters()
             let sections = Set(a.map { String(decoding: $0, as: UTF8.self).lowercased() })
             let server = self.server
             self.answerLater(server.node.eventLoop.makeFutureWithTask { [.bulk(await server.info(sections: sections))] })
@@ -160,14 +161,14 @@ extension RESPConnection {
         }
     }
 
-    private func authenticate(user: String, password: String, reply: Bool) {
-        guard let required = server.configuration.requirePassword else {
+    private func authenticate(user: [UInt8], password: [UInt8], reply: Bool) {
+        guard let required = server.configuration.requirePassword.map({ Array($0.utf8) }) else {
             if reply {
                 write(.error("ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?"))
             }
             return
         }
-        guard user == "default", password == required else {
+        guard credentialsMatch(user: user, password: password, required: required) else {
             // (A failed AUTH leaves an authenticated connection authenticated, as Redis.)
             if reply { write(.error("WRONGPASS invalid username-password pair or user is disabled.")) }
             return
@@ -177,35 +178,19 @@ extension RESPConnection {
     }
 
     private func hello(_ a: [[UInt8]]) {
-        var version = protocolVersion
-        var index = 0
-        if let first = a.first {
-            guard let requested = parseInteger(first) else { return write(.error("ERR Protocol version is not an integer or out of range")) }
-            guard requested == 2 || requested == 3 else { return write(.error("NOPROTO unsupported protocol version")) }
-            version = Int(requested)
-            index = 1
+        let request: HelloRequest
+        switch HelloRequest.parse(a) {
+        case .success(let parsed): request = parsed
+        case .failure(.message(let message)): return write(.error(message))
         }
-        var newName: String?
-        while index < a.count {
-            let option = String(decoding: a[index], as: UTF8.self).lowercased()
-            if option == "auth", index + 2 < a.count {
-                let user = String(decoding: a[index + 1], as: UTF8.self)
-                let password = String(decoding: a[index + 2], as: UTF8.self)
-                guard server.configuration.requirePassword != nil, user == "default", password == server.configuration.requirePassword else {
-                    return write(.error("WRONGPASS invalid username-password pair or user is disabled."))
-                }
-                authenticated = true
-                index += 3
-            } else if option == "setname", index + 1 < a.count {
-                newName = String(decoding: a[index + 1], as: UTF8.self)
-                guard !newName!.contains(where: { $0 == " " || $0 == "\n" || $0 == "\r" || $0 == "\r\n" }) else {
-                    return write(.error("ERR Client names cannot contain spaces, newlines or special characters."))
-                }
-                index += 2
-            } else {
-                return write(.error("ERR Syntax error in HELLO option '\(option)'"))
+        if let credentials = request.credentials {
+            guard credentialsMatch(user: credentials.user, password: credentials.password, required: server.configuration.requirePassword.map { Array($0.utf8) }) else {
+                return write(.error("WRONGPASS invalid username-password pair or user is disabled."))
             }
+            authenticated = true
         }
+        let version = request.version ?? protocolVersion
+        let newName = request.name
         guard authenticated else { return write(.error("NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time")) }
         if let newName { name = newName }
         protocolVersion = version

@@ -261,7 +261,9 @@ struct RecoveryBench: AsyncParsableCommand {
             }
             store.close()
         }
-        let segments = try FileManager.default.contentsOfDirectory(atPath: logPath + "/log").sorted().map { logPath + "/log/" + $0 }
+        // Segments only (not the prepared next one, which is zeros).
+        let segments = try FileManager.default.contentsOfDirectory(atPath: logPath + "/log").filter { LogFormat.firstIndex(fromSegmentName: $0) != nil }
+            .sorted().map { logPath + "/log/" + $0 }
         let logBytes = segments.reduce(0) { $0 + ((try? FileManager.default.attributesOfItem(atPath: $1)[.size] as? Int) ?? 0) }
         func replayOnce() throws -> (seconds: Double, entries: Int) {
             let started = ContinuousClock.now

@@ -56,10 +56,18 @@ struct RESPDecoderTests {
         // A wrong password keeps them; the right one (AUTH pw, AUTH default pw, HELLO 3 AUTH default pw) lifts them.
         let wrong = try decode([request(["AUTH", "nope"]) + big], authentication: AuthenticationLimits(limited: true), password: "pw")
         #expect(wrong.last == .protocolError("ERR Protocol error: unauthenticated bulk length"))
-        for auth in [["AUTH", "pw"], ["auth", "default", "pw"], ["HELLO", "3", "AUTH", "default", "pw"]] {
+        for auth in [["AUTH", "pw"], ["auth", "default", "pw"], ["HELLO", "3", "AUTH", "default", "pw"],
+                     ["HELLO", "3", "SETNAME", "auth", "AUTH", "default", "pw"]] {
             let state = AuthenticationLimits(limited: true)
             let decoded = try decode([request(auth) + big + wide], authentication: state, password: "pw")
             #expect(decoded.count == 3 && !state.limited, "\(auth): \(decoded.count) requests")
+        }
+        // What the connection would refuse lifts nothing (a bad version, a bad option, a bad name).
+        for refused in [["HELLO", "4", "AUTH", "default", "pw"], ["HELLO", "3", "AUTH", "default", "pw", "EXTRA"],
+                        ["HELLO", "3", "SETNAME", "a b", "AUTH", "default", "pw"], ["AUTH", "someone", "pw"]] {
+            let state = AuthenticationLimits(limited: true)
+            _ = try decode([request(refused)], authentication: state, password: "pw")
+            #expect(state.limited, "\(refused)")
         }
         // Without a password required nothing is limited.
         #expect(try decode([wide, big], authentication: AuthenticationLimits(limited: false)).count == 2)

@@ -92,6 +92,28 @@ struct ExplicitIndexLogTests {
         directory.unlock()
     }
 
+    @Test("a full disk gives back the prepared segment's space; writes go on once there is room")
+    func preparedSegmentOnFullDisk() async throws {
+        let fs = SimulatedFileSystem(seed: 48)
+        let (directory, log, _) = try Self.open(fs, prepareSegments: true)
+        defer {
+            log.close()
+            directory.unlock()
+        }
+        for _ in 0..<500 where !log.nextSegmentIsPrepared { try await Task.sleep(for: .milliseconds(2)) }
+        #expect(log.nextSegmentIsPrepared)
+        let prepared = "/raft/log/" + WriteAheadLog.preparedName
+        #expect(fs.exists(prepared))
+        fs.setCapacity(fs.usedBytes + 100)
+        // A record larger than a segment grows the newest one past the capacity.
+        let big = LogEntry(index: LogIndex(1), term: Term(1), payload: [UInt8](repeating: 3, count: 6000))
+        await #expect(throws: StorageError.self) { try await Self.write(log, [big]) }
+        #expect(!fs.exists(prepared), "the prepared segment's space was given back")
+        fs.setCapacity(nil)
+        try await Self.write(log, [big])
+        #expect(try Self.contents(log) == [big])
+    }
+
     @Test("on a real disk: a new log's first segment and the prepared next one are zero-filled files of the segment size; rotations take the prepared one")
     func preparedSegmentsOnDisk() async throws {
         let path = NSTemporaryDirectory() + "keel-prepared-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
