@@ -114,6 +114,8 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     /// Storage work that may block (snapshot files, install): never on the loop.
     let storageQueue = DispatchQueue(label: "keel.node.storage")
     private var snapshotting = false
+    /// The log's bytes written (since it opened) when the last snapshot started.
+    private var logBytesAtSnapshot: UInt64 = 0
     private var rejectedSnapshots = 0
 
     /// Starts a node: recovers its state from its data directory (newest checkpoint, then the
@@ -790,6 +792,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         // (A snapshot being installed moves the storage's index before `appliedIndex` follows.)
         guard appliedIndex >= storage.snapshot.index else { return }
         let due = appliedIndex.rawValue - storage.snapshot.index.rawValue >= configuration.snapshotInterval
+            || (configuration.snapshotLogBytes > 0 && storage.log.bytesWritten &- logBytesAtSnapshot >= configuration.snapshotLogBytes)
         // Our newest checkpoint failed verification when a follower was to receive it: write a
         // fresh one (at the same index if nothing was applied since) instead of sending bad bytes;
         // once per index, so a file that can never verify is not rewritten forever.
@@ -807,6 +810,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
             return
         }
         snapshotting = true
+        logBytesAtSnapshot = storage.log.bytesWritten
         let state = NodeSnapshot(addresses: addresses, inner: machine.snapshot())
         let index = appliedIndex
         let membership = appliedMembership

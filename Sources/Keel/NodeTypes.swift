@@ -113,6 +113,10 @@ public struct NodeConfiguration: Sendable {
     public var requestTimeoutMilliseconds: Int64 = 5000
     /// Take a snapshot (a checkpoint, then log compaction) after this many applied entries.
     public var snapshotInterval: UInt64 = 10_000
+    /// Also take one once this node's log has grown by this many bytes since the last one it took
+    /// (0: no such trigger). Counted from when the node started (a restart replays what it holds,
+    /// and `snapshotInterval` still bounds that).
+    public var snapshotLogBytes: UInt64 = 0
     /// The largest command `propose` accepts, in bytes: an entry must fit in one peer message
     /// (under the transport's 16 MiB frame limit) to reach the other nodes.
     public var commandSizeMax = 8 << 20

@@ -17,7 +17,10 @@ public struct ServerConfiguration: Sendable {
     /// The HTTP port for /metrics, /health and the status page; 0 turns it off.
     public var httpPort = 0
     /// Applied entries between checkpoints.
-    public var checkpointEntries: UInt64 = 100_000
+    public var checkpointEntries: UInt64 = 1_000_000
+    /// Log bytes written between checkpoints (as Redis rewrites its AOF at 64 MiB); 0 turns this
+    /// trigger off.
+    public var checkpointLogBytes: UInt64 = 64 << 20
     public var limits = RESPLimits()
     /// The most client connections at once.
     public var maxClients = 10_000
@@ -67,6 +70,7 @@ public struct ServerConfiguration: Sendable {
         var configuration = NodeConfiguration(node: nodeID, dataDirectory: dataDirectory, members: members, clusterToken: Array(clusterToken.utf8))
         configuration.join = join
         configuration.snapshotInterval = checkpointEntries
+        configuration.snapshotLogBytes = checkpointLogBytes
         configuration.tickMilliseconds = tickMilliseconds
         configuration.log.fsyncPolicy = fsync
         configuration.allowUnsyncedLog = fsync != .always

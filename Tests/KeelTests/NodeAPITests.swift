@@ -62,6 +62,38 @@ struct NodeAPITests {
         return configuration
     }
 
+    @Test("a checkpoint is taken once the log has grown by snapshotLogBytes, however few the entries")
+    func checkpointByLogBytes() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let base = NSTemporaryDirectory() + "keel-bytes-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        let ports = try await freePorts(2, group: group)
+        for (trigger, expected) in [(UInt64(256 << 10), true), (0, false)] {
+            let id = expected ? UInt64(1) : 2
+            var configuration = settings(id, base, members: [NodeID(id): address(ports[Int(id) - 1])])
+            configuration.snapshotInterval = 1_000_000
+            configuration.snapshotLogBytes = trigger
+            let node = try await KeelNode.start(configuration: configuration, machine: TestMachine(), group: group, logger: silentLogger)
+            var proposed = 0
+            while proposed < 100 {
+                do {
+                    _ = try await node.propose(Array("set k\(proposed) \(String(repeating: "v", count: 4000))".utf8))
+                    proposed += 1
+                } catch NodeError.noLeader {
+                    try await Task.sleep(for: .milliseconds(20))
+                }
+            }
+            var snapshotted = false
+            for _ in 0..<100 where !snapshotted {
+                snapshotted = try await node.status().snapshotIndex > .zero
+                if !snapshotted && expected { try await Task.sleep(for: .milliseconds(20)) }
+            }
+            #expect(snapshotted == expected, "100 entries of 4 KB with snapshotLogBytes \(trigger)")
+            await node.shutdown()
+        }
+        try await group.shutdownGracefully()
+    }
+
     @Test("a single node grows to three members at run time, then shrinks, and hands over leadership")
     func growAndShrink() async throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
