@@ -167,6 +167,18 @@ struct ServerProcessTests {
         #expect(malformed.status == 0, "malformed protocol: \(malformed.output)")
         #expect(await server.cli("PING") == "PONG", "the server still serves")
         _ = await server.stop()
+        // The same with connections spread over two event loops (requests hop to the node's loop:
+        // WATCH, MULTI and SELECT state must stay on the connection's own).
+        let spread = ServerProcess(directory: directory + "-spread", extra: ["--io-threads", "2"])
+        defer { try? FileManager.default.removeItem(atPath: directory + "-spread") }
+        try await spread.start()
+        for protocolVersion in ["2", "3"] {
+            let result = await runTool(which("python3"), [checks, "basic", String(spread.port), protocolVersion])
+            #expect(result.status == 0 && result.output.contains("ok"), "--io-threads 2, RESP\(protocolVersion): \(result.output)")
+        }
+        let spreadMalformed = await runTool(which("python3"), [checks, "malformed", String(spread.port)])
+        #expect(spreadMalformed.status == 0, "--io-threads 2, raw protocol: \(spreadMalformed.output)")
+        _ = await spread.stop()
         let secured = ServerProcess(directory: directory + "-auth", extra: ["--requirepass", "s3cret"])
         defer { try? FileManager.default.removeItem(atPath: directory + "-auth") }
         try await secured.start()
