@@ -916,22 +916,17 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
                 refused.insert(tag.request)
             }
         }
-        let (failedWrites, failedChanges, failedReads) = (writes, changes, reads)
-        handedTo = [:]
-        writes = [:]
-        proposalBuffer = []
-        changes = [:]
-        reads = [:]
-        readsAwaitingApply = []
-        for (request, waiter) in failedWrites {
-            waiter.fail(refused.contains(request) ? NodeError.noSpace(cause) : NodeError.interrupted("the disk filled: \(cause)"))
-        }
-        for (_, promise) in failedChanges { promise.fail(NodeError.interrupted("the disk filled: \(cause)")) }
-        for (_, waiter) in failedReads { waiter.fail(NodeError.noLeader) }
+        let interrupted = NodeError.interrupted("the disk filled: \(cause)")
+        failWaiting(write: { refused.contains($0) ? NodeError.noSpace(cause) : interrupted }, change: interrupted, read: .noLeader)
     }
 
     /// Fails the proposals, membership changes and reads that wait for Raft.
     private func failWaiting(_ error: NodeError) {
+        failWaiting(write: { _ in error }, change: error, read: error)
+    }
+
+    /// Fails what waits for Raft, each proposal with the error `write` gives for its request.
+    private func failWaiting(write: (UInt64) -> NodeError, change: NodeError, read: NodeError) {
         // Emptied before anyone is told: a callback may already make a new call.
         let (failedWrites, failedChanges, failedReads) = (writes, changes, reads)
         handedTo = [:]
@@ -940,9 +935,9 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         changes = [:]
         reads = [:]
         readsAwaitingApply = []
-        for (_, waiter) in failedWrites { waiter.fail(error) }
-        for (_, promise) in failedChanges { promise.fail(error) }
-        for (_, waiter) in failedReads { waiter.fail(error) }
+        for (request, waiter) in failedWrites { waiter.fail(write(request)) }
+        for (_, promise) in failedChanges { promise.fail(change) }
+        for (_, waiter) in failedReads { waiter.fail(read) }
     }
 }
 
