@@ -51,6 +51,12 @@ public struct RESPRequestDecoder: ByteToMessageDecoder {
     private var remaining: Int64 = 0
     private var partial: [[UInt8]] = []
     private var partialBytes = 0
+    /// How many bytes from the reader index are known to hold no line end (a request's first
+    /// line still arriving): the next packet is scanned from there, not from the start, so a line
+    /// trickled in byte by byte costs linear time, not quadratic.
+    private(set) var lineScanned = 0
+    /// Bytes compared while looking for line ends (for tests).
+    private(set) var bytesScanned = 0
 
     public init(limits: RESPLimits = RESPLimits(), authentication: AuthenticationLimits? = nil, password: String? = nil) {
         self.limits = limits
@@ -135,6 +141,23 @@ public struct RESPRequestDecoder: ByteToMessageDecoder {
         return (length, start + (newline - base) + 1)
     }
 
+    /// The end of the line at the reader index (an inline request, or a multibulk header), up to
+    /// the inline limit, resuming where the last call stopped.
+    private mutating func firstLineEnd(_ buffer: ByteBuffer) -> (length: Int, next: Int)? {
+        let view = buffer.readableBytesView
+        let end = min(buffer.readableBytes, limits.inlineLengthMax + 2)
+        let from = min(lineScanned, end)
+        bytesScanned += end - from
+        guard let newline = view[(view.startIndex + from)..<(view.startIndex + end)].firstIndex(of: UInt8(ascii: "\n")) else {
+            lineScanned = end
+            return nil
+        }
+        lineScanned = 0
+        var length = newline - view.startIndex
+        if length > 0, view[newline - 1] == UInt8(ascii: "\r") { length -= 1 }
+        return (length, buffer.readerIndex + (newline - view.startIndex) + 1)
+    }
+
     private func parseNumber(_ buffer: ByteBuffer, at start: Int, length: Int) -> Int64? {
         guard length > 0, length <= 20, start >= buffer.readerIndex, start + length <= buffer.writerIndex else { return nil }
         let view = buffer.readableBytesView
@@ -158,7 +181,7 @@ public struct RESPRequestDecoder: ByteToMessageDecoder {
 
     private mutating func parseMultibulk(_ buffer: inout ByteBuffer) -> Outcome {
         let position = buffer.readerIndex
-        guard let header = lineEnd(buffer, from: position, limit: limits.inlineLengthMax) else {
+        guard let header = firstLineEnd(buffer) else {
             return buffer.readableBytes > limits.inlineLengthMax ? .error("ERR Protocol error: too big mbulk count string") : .needMoreData
         }
         guard let count = parseNumber(buffer, at: position + 1, length: header.length - 1), count <= Int64(limits.multibulkLengthMax) else {
@@ -205,8 +228,8 @@ public struct RESPRequestDecoder: ByteToMessageDecoder {
         return .request(arguments)
     }
 
-    private func parseInline(_ buffer: inout ByteBuffer) -> Outcome {
-        guard let line = lineEnd(buffer, from: buffer.readerIndex, limit: limits.inlineLengthMax) else {
+    private mutating func parseInline(_ buffer: inout ByteBuffer) -> Outcome {
+        guard let line = firstLineEnd(buffer) else {
             return buffer.readableBytes > limits.inlineLengthMax ? .error("ERR Protocol error: too big inline request") : .needMoreData
         }
         let bytes = buffer.getBytes(at: buffer.readerIndex, length: line.length) ?? []

@@ -1,4 +1,4 @@
-import KeelServer
+@testable import KeelServer
 import NIOCore
 import NIOEmbedded
 import Testing
@@ -71,5 +71,35 @@ struct RESPDecoderTests {
         }
         // Without a password required nothing is limited.
         #expect(try decode([wide, big], authentication: AuthenticationLimits(limited: false)).count == 2)
+    }
+
+    @Test("a first line trickled in one byte at a time is scanned once (linear, not quadratic), inline or a multibulk header")
+    func trickledLineScannedOnce() throws {
+        let words = (0..<6000).map { "w\($0)" }
+        let inline = Array(words.joined(separator: " ").utf8) + Array("\r\n".utf8)
+        var decoder = RESPRequestDecoder()
+        var buffer = ByteBuffer()
+        var outcomes: [RESPRequestDecoder.Outcome] = []
+        for byte in inline {
+            buffer.writeInteger(byte)
+            let outcome = decoder.parse(&buffer)
+            if outcome != .needMoreData { outcomes.append(outcome) }
+        }
+        #expect(outcomes == [.request(words.map { Array($0.utf8) })])
+        #expect(decoder.bytesScanned <= 2 * inline.count, "\(decoder.bytesScanned) bytes scanned for a \(inline.count)-byte line")
+        // A multibulk header that never ends is refused at the inline limit, also scanned once.
+        var limits = RESPLimits()
+        limits.inlineLengthMax = 4096
+        var header = RESPRequestDecoder(limits: limits)
+        var pending = ByteBuffer()
+        var refused = false
+        for byte in [UInt8(ascii: "*")] + [UInt8](repeating: UInt8(ascii: "1"), count: 5000) where !refused {
+            pending.writeInteger(byte)
+            if case .error(let message) = header.parse(&pending) {
+                refused = message == "ERR Protocol error: too big mbulk count string"
+            }
+        }
+        #expect(refused)
+        #expect(header.bytesScanned <= 2 * 5001)
     }
 }
