@@ -385,4 +385,53 @@ extension NodeAPITests {
         await node.shutdown()
         try await group.shutdownGracefully()
     }
+
+    @Test("a leader's full disk: the write that failed is refused, an earlier one still waiting for followers is 'interrupted' (it may commit)")
+    func fullDiskInterrupts() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let ports = try await freePorts(3, group: group)
+        let members = Dictionary(uniqueKeysWithValues: (1...3).map { (NodeID(UInt64($0)), address(ports[$0 - 1])) })
+        let disks = (1...3).map { SimulatedFileSystem(seed: UInt64(20 + $0)) }
+        var nodes: [KeelNode<TestMachine>] = []
+        for id in 1...3 {
+            var configuration = settings(UInt64(id), "/interrupt", members: members)
+            configuration.log = LogOptions(segmentSize: 16 << 10)
+            configuration.raft.checkQuorum = false // the leader keeps leading once its followers are gone
+            nodes.append(try await KeelNode.start(configuration: configuration, machine: TestMachine(), group: group, logger: silentLogger,
+                                                  fileSystem: disks[id - 1]))
+        }
+        _ = try await commit("set first 1", via: nodes)
+        var leaderPosition: Int?
+        for _ in 0..<250 where leaderPosition == nil {
+            for (position, node) in nodes.enumerated() where try await node.status().role == .leader { leaderPosition = position }
+            if leaderPosition == nil { try await Task.sleep(for: .milliseconds(20)) }
+        }
+        let position = try #require(leaderPosition)
+        let leader = nodes[position]
+        for (other, node) in nodes.enumerated() where other != position { await node.shutdown() }
+        // Written on the leader's disk, never committed (no follower answers).
+        let waiting = Task { () -> NodeError? in
+            do {
+                _ = try await leader.propose(Array("set waiting 1".utf8))
+                return nil
+            } catch let error as NodeError {
+                return error
+            }
+        }
+        let written = try await eventually(seconds: 5) {
+            let status = try await leader.status()
+            return status.lastIndex > status.commitIndex
+        }
+        #expect(written, "the waiting write reached the leader's log")
+        try await Task.sleep(for: .milliseconds(50))
+        // The next write needs a new segment, and the disk has no room for one.
+        disks[position].setCapacity(disks[position].usedBytes + 1024)
+        var failed: NodeError?
+        do { _ = try await leader.propose(Array("set big \(String(repeating: "x", count: 20_000))".utf8)) } catch let error as NodeError { failed = error }
+        if case .noSpace = failed {} else { Issue.record("the write that hit the full disk: \(String(describing: failed))") }
+        let earlier = try await waiting.value
+        if case .interrupted = earlier {} else { Issue.record("the earlier write, durable and uncommitted: \(String(describing: earlier))") }
+        await leader.shutdown()
+        try await group.shutdownGracefully()
+    }
 }
