@@ -311,6 +311,13 @@ final class PeerLink: @unchecked Sendable {
                         channel.close(promise: nil)
                         return
                     }
+                    if let local = channel.localAddress, local == channel.remoteAddress {
+                        // Connecting to a stopped peer on this host can pick the peer's own port as
+                        // the local one and connect to itself (TCP simultaneous open), which would
+                        // keep the peer from binding its port again: drop it and retry later.
+                        channel.close(promise: nil)
+                        return self.retryLater(after: "a connection to itself")
+                    }
                     self.channel = channel
                     let connectedAt = NIODeadline.now()
                     channel.write(PeerFrame.hello(node: self.configuration.node, token: self.configuration.clusterToken), promise: nil)
@@ -336,13 +343,18 @@ final class PeerLink: @unchecked Sendable {
                         }
                     }
                 case .failure(let error):
-                    self.logger.debug("connecting to node \(self.peer) at \(self.address) failed: \(error); retrying in \(self.delay) ms")
-                    self.nextAttempt = .now() + .milliseconds(self.delay)
-                    self.delay = min(self.delay * 2, self.configuration.reconnectDelayMaxMilliseconds)
-                    self.eventLoop.scheduleTask(deadline: self.nextAttempt) {
-                        if !self.queue.isEmpty { self.connect() }
-                    }
+                    self.retryLater(after: "\(error)")
                 }
             }
+    }
+
+    /// A failed attempt: the next one after the backoff delay (which doubles, up to its maximum).
+    private func retryLater(after reason: String) {
+        logger.debug("connecting to node \(peer) at \(address) failed: \(reason); retrying in \(delay) ms")
+        nextAttempt = .now() + .milliseconds(delay)
+        delay = min(delay * 2, configuration.reconnectDelayMaxMilliseconds)
+        eventLoop.scheduleTask(deadline: nextAttempt) {
+            if !self.queue.isEmpty { self.connect() }
+        }
     }
 }

@@ -83,6 +83,15 @@ struct KeelNodeTests {
         return nil
     }
 
+    /// The leader once one is elected (nil after 10 s).
+    func awaitLeader(of nodes: [KeelNode<TestMachine>]) async throws -> KeelNode<TestMachine>? {
+        for _ in 0..<500 {
+            if let elected = try await leader(of: nodes) { return elected }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        return nil
+    }
+
     @Test("three nodes elect a leader, commit proposals made through any node, and agree")
     func threeNodes() async throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
@@ -95,11 +104,7 @@ struct KeelNodeTests {
             nodes.append(try await KeelNode.start(configuration: configuration(UInt64(id), ports: ports, base: base), machine: machines[id - 1],
                                                   group: group, logger: silentLogger))
         }
-        var elected: KeelNode<TestMachine>?
-        for _ in 0..<500 where elected == nil {
-            elected = try await leader(of: nodes)
-            if elected == nil { try await Task.sleep(for: .milliseconds(20)) }
-        }
+        let elected = try await awaitLeader(of: nodes)
         #expect(elected != nil, "a leader was elected")
         for i in 0..<30 {
             let node = nodes[i % 3]
@@ -244,11 +249,7 @@ extension KeelNodeTests {
         let nodes = try await (1...3).asyncMap { id in
             try await KeelNode.start(configuration: configuration(UInt64(id), ports: ports, base: base), machine: TestMachine(), group: group, logger: silentLogger)
         }
-        var elected: KeelNode<TestMachine>?
-        for _ in 0..<500 where elected == nil {
-            elected = try await leader(of: nodes)
-            if elected == nil { try await Task.sleep(for: .milliseconds(20)) }
-        }
+        let elected = try await awaitLeader(of: nodes)
         let leader = try #require(elected)
         // Followers know the leader once it has appended its first entry.
         for node in nodes { _ = try await node.read(consistency: .linearizable) { $0.values.count } }
