@@ -92,6 +92,17 @@ let package = Package(
             ],
             swiftSettings: strict
         ),
+        // `keel torture`: real processes, faults, a history and its check.
+        .target(
+            name: "KeelTorture",
+            dependencies: [
+                "KeelCore", "KeelSimulation",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ],
+            swiftSettings: strict
+        ),
         .executableTarget(
             name: "keel",
             dependencies: [
@@ -101,6 +112,7 @@ let package = Package(
                 "KeelSimulation",
                 "Keel",
                 "KeelServer",
+                "KeelTorture",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Collections", package: "swift-collections"),
@@ -140,6 +152,12 @@ let package = Package(
                 .product(name: "NIOEmbedded", package: "swift-nio"),
             ],
             exclude: ["python"],
+            swiftSettings: strict
+        ),
+        // The checker on planted histories, and a short torture run of real processes.
+        .testTarget(
+            name: "KeelTortureTests",
+            dependencies: ["KeelTorture", "KeelSimulation"],
             swiftSettings: strict
         ),
         .testTarget(

@@ -241,6 +241,12 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         if mayStartInline { startProposal(command, waiter) } else { loop.execute { self.startProposal(command, waiter) } }
     }
 
+    /// Runs `body` on the node's loop with the state machine and the index it has applied, without
+    /// asking Raft (a local read of this replica, for diagnostics that compare replicas).
+    public func inspect<T: Sendable>(_ body: @escaping @Sendable (Machine, LogIndex) -> T) -> EventLoopFuture<T> {
+        loop.submit { body(self.machine, self.appliedIndex) }
+    }
+
     /// `read` for callers on event loops: the future completes on the node's loop.
     public func readFuture<T: Sendable>(consistency: Consistency = .linearizable,
                                         _ body: @escaping @Sendable (Machine) -> T) -> EventLoopFuture<T> {

@@ -267,6 +267,37 @@ public final class KVStore: @unchecked Sendable {
         return found
     }
 
+    /// A digest of the whole state (every key, value, expiry and revision, and the store's clock
+    /// and write counter) that does not depend on the dictionaries' order: replicas at the same
+    /// applied index have the same digest. O(n); for `KEEL.STATEHASH` and `keel torture`.
+    public func stateDigest() -> UInt64 {
+        func mix(_ hash: inout UInt64, _ bytes: some Sequence<UInt8>) {
+            for byte in bytes { hash = (hash ^ UInt64(byte)) &* 0x100_0000_01b3 }
+        }
+        func mix(_ hash: inout UInt64, _ value: UInt64) {
+            withUnsafeBytes(of: value.littleEndian) { mix(&hash, $0) }
+        }
+        var sum: UInt64 = 0
+        for database in 0..<Self.databaseCount {
+            for (key, value) in databases[database].keys {
+                var hash: UInt64 = 0xcbf2_9ce4_8422_2325
+                mix(&hash, UInt64(database))
+                mix(&hash, UInt64(key.count))
+                mix(&hash, key)
+                mix(&hash, UInt64(value.bytes.count))
+                mix(&hash, value.bytes)
+                mix(&hash, UInt64(bitPattern: value.expiresAt))
+                mix(&hash, value.revision)
+                sum &+= hash
+            }
+        }
+        var total: UInt64 = 0xcbf2_9ce4_8422_2325
+        mix(&total, sum)
+        mix(&total, UInt64(bitPattern: now))
+        mix(&total, revision)
+        return total
+    }
+
     /// Keys (not expired at `now`) in a database.
     public func keyCount(database: Int) -> Int { databases[database].keys.count }
     public func volatileCount(database: Int) -> Int { databases[database].volatile.count }

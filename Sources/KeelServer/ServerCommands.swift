@@ -14,6 +14,7 @@ let serverCommandArity: [String: Int] = [
     "ping": -1, "echo": 2, "hello": -1, "auth": -2, "client": -2, "quit": -1, "reset": 1, "command": -1, "config": -2,
     "time": 1, "info": -1, "select": 2, "multi": 1, "exec": 1, "discard": 1, "watch": -2, "unwatch": 1, "wait": 3,
     "waitaof": 4, "save": 1, "bgsave": -1, "lastsave": 1, "readonly": 1, "readwrite": 1, "keel.member": -2,
+    "keel.statehash": 1,
 ]
 let serverCommandNames = Set(serverCommandArity.keys)
 
@@ -156,6 +157,13 @@ extension RESPConnection {
             write(.integer(server.stats.withLockedValue { $0.lastCheckpointUnixSeconds }))
         case "keel.member":
             member(a)
+        case "keel.statehash":
+            // This node's applied index, a digest of its state there, and its key count: replicas
+            // that agree at the same index have converged (keel torture compares them).
+            answerLater(server.node.inspect { store, applied in
+                let keys = (0..<KVStore.databaseCount).reduce(0) { $0 + store.keyCount(database: $1) }
+                return [.array([.integer(Int64(applied.rawValue)), .bulk(Array(String(store.stateDigest(), radix: 16).utf8)), .integer(Int64(keys))])]
+            })
         default:
             write(.error(unknownCommand(name, a)))
         }

@@ -3,7 +3,9 @@
 // past it the verdict is `.unknown`, never a guess.
 //
 // Operations: read (returns the value), write (sets it), increment (adds one, returns the new
-// value). An operation that completed `ok` must take effect between its invocation and its
+// value), swap (sets a value, returns the old one: Redis's SET … GET), compare-and-set (sets a
+// value if the register holds the expected one: WATCH/MULTI/EXEC; returns 1 if it did, 0 if not).
+// An operation that completed `ok` must take effect between its invocation and its
 // completion; one whose outcome is `unknown` (a timeout, a crash) may take effect at any time after
 // its invocation, or never; one that `failed` never took effect and is left out.
 
@@ -12,6 +14,10 @@ public enum RegisterOperation: Sendable, Equatable, Hashable {
     case read
     case write(Int64)
     case increment
+    /// Sets the value; returns the one it replaced.
+    case swap(Int64)
+    /// Sets `new` if the value is `expected`; returns 1 if it did, 0 if it did not.
+    case compareAndSet(expected: Int64, new: Int64)
 }
 
 /// How an operation ended.
@@ -185,6 +191,15 @@ public enum LinearizabilityChecker {
             return (value == state &+ 1, state &+ 1)
         case (.increment, _):
             return (true, state &+ 1)
+        case (.swap(let value), .ok(let old)):
+            return (old == state, value)
+        case (.swap(let value), _):
+            return (true, value)
+        case (.compareAndSet(let expected, let new), .ok(let swapped)):
+            return swapped == 1 ? (state == expected, new) : (swapped == 0 && state != expected, state)
+        case (.compareAndSet(let expected, let new), _):
+            // Unknown: it took effect only where it could have (a no-op is the same as never).
+            return (state == expected, new)
         }
     }
 
@@ -194,6 +209,8 @@ public enum LinearizabilityChecker {
         case .read: what = "read"
         case .write(let value): what = "write \(value)"
         case .increment: what = "incr"
+        case .swap(let value): what = "swap \(value)"
+        case .compareAndSet(let expected, let new): what = "cas \(expected)->\(new)"
         }
         let result: String
         switch operation.outcome {

@@ -438,6 +438,8 @@ public final class Simulation {
                 case .increment:
                     node.waitingWrites[operationID] = position
                     try raft.propose(KeyValueCommand(operation: operationID, kind: .increment, key: key, value: 0).encoded)
+                case .swap, .compareAndSet:
+                    preconditionFailure("the simulator's clients do not generate \(operation)")
                 }
             } catch {
                 // Refused before anything was logged: it definitely did not happen.

@@ -7,5 +7,5 @@ struct KeelCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "keel",
         abstract: "Keel: fault-tolerant state for Swift.",
-        subcommands: [Serve.self, Member.self, Inspect.self, Verify.self, Recover.self, Bench.self, Sim.self])
+        subcommands: [Serve.self, Member.self, Inspect.self, Verify.self, Recover.self, Bench.self, Sim.self, Torture.self])
 }
