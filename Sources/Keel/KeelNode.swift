@@ -206,10 +206,12 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         appliedIndex = storage.snapshot.index
         appliedMembership = storage.snapshot.membership
         persistedHardState = storage.hardState
-        wasMember = raft.status.membership.contains(configuration.node)
+        // Judged by what is applied: a new node applying the founding entries one by one is not
+        // "removed" by the first of them.
+        wasMember = appliedMembership.contains(configuration.node)
         // A node that was removed before it restarted (a joiner is not a member until its
         // addition is applied, so it is not judged before that).
-        removed = !configuration.join && !wasMember
+        removed = !configuration.join && !raft.status.membership.contains(configuration.node)
     }
 
     // MARK: - Calls
@@ -783,8 +785,10 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     private func learnAddresses(from entries: [Entry]) {
         var changed = false
         for entry in entries where entry.kind == .configurationChange {
+            // A configured address wins over the log's, as over a snapshot's.
             guard let change = ConfigurationChange(decoding: entry.data), change.kind != .remove,
-                  let (_, address) = ChangeContext.decode(change.context), let address, addresses[change.node] != address else { continue }
+                  let address = configuration.members[change.node] ?? ChangeContext.decode(change.context)?.1,
+                  addresses[change.node] != address else { continue }
             addresses[change.node] = address
             changed = true
         }
@@ -859,7 +863,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
                     guard self.addresses[change.node] == nil else { return }
                     self.transport.updatePeers(self.addresses.filter { $0.key != self.configuration.node })
                 }
-            } else if let address = decoded?.1, addresses[change.node] != address {
+            } else if let address = configuration.members[change.node] ?? decoded?.1, addresses[change.node] != address {
                 addresses[change.node] = address
                 transport.updatePeers(addresses.filter { $0.key != configuration.node })
             }

@@ -943,13 +943,14 @@ public final class RaftNode {
             handleSnapshotChunk(message)
         case .propose, .readIndex:
             guard let leader else { return } // no leader: dropped, the caller times out
+            // A read request relayed by another node that took this one for the leader is dropped:
+            // the answer must go back to the node that asked, which a message from here cannot say
+            // (peers accept only messages from the node they are connected to). The asker learns
+            // the leader from its next heartbeat and fails its waiting reads then.
+            if message.kind == .readIndex, message.from != id { return }
             var forwarded = message
             forwarded.from = id
             forwarded.to = leader
-            if message.kind == .readIndex {
-                // The response must come back to the node that asked.
-                forwarded.from = message.from
-            }
             send(forwarded)
         case .readIndexResponse:
             readStates.append(ReadState(index: message.index, context: message.context))

@@ -60,8 +60,9 @@ final class LinkProxy: Sendable {
                         return inbound.pipeline.addHandler(Forwarder(peer: outbound)).flatMap {
                             outbound.pipeline.addHandler(Forwarder(peer: inbound))
                         }.map {
-                            outbound.read()
-                            inbound.read()
+                            // Active channels start reading here; one not yet active reads when it becomes so.
+                            if outbound.isActive { outbound.read() }
+                            if inbound.isActive { inbound.read() }
                         }
                     }
             }
@@ -114,6 +115,7 @@ final class LinkProxy: Sendable {
             }
         }
 
+        func channelActive(context: ChannelHandlerContext) { context.read() }
         func channelInactive(context: ChannelHandlerContext) { peer.close(promise: nil) }
         func errorCaught(context: ChannelHandlerContext, error: any Error) { context.close(promise: nil) }
     }

@@ -19,6 +19,9 @@ final class TortureNode {
     let logPath: String
     var process: Process?
     var paused = false
+    /// Whether the node joined through `--join` (after a wipe): it is started that way from
+    /// then on (harmless once it is a member; needed if it died before it learned anything).
+    var joins = false
     /// A file filling the node's disk, while one does.
     var filler: String?
 
@@ -193,6 +196,11 @@ final class TortureCluster: @unchecked Sendable {
         }.joined(separator: ",")
         var arguments = ["serve", "--bind", "127.0.0.1", "--port", "\(node.clientPort)", "--node-id", "\(node.id)",
                          "--peer-port", "\(node.peerPort)", "--peers", peers, "--data-dir", node.dataDirectory]
+        if node.joins {
+            // Through the leader, or any other node that runs.
+            let through = leader()?.node ?? nodes.first { $0 !== node && $0.isRunning } ?? nodes[(node.slot + 1) % nodes.count]
+            arguments += ["--join", "127.0.0.1:\(through.clientPort)"]
+        }
         arguments += options.serveArguments
         return arguments
     }
@@ -350,6 +358,33 @@ final class TortureCluster: @unchecked Sendable {
             usleep(100_000)
         }
         return false
+    }
+
+    /// Sends a membership command through the leader (or any node), retrying until it is
+    /// answered OK or `seconds` pass; returns the last answer.
+    func member(_ arguments: [String], seconds: Double) -> String {
+        let deadline = RESPClient.deadline(after: seconds)
+        var last = "no node answered"
+        while DispatchTime.now().uptimeNanoseconds < deadline {
+            let through = leader()?.node ?? nodes.first { $0.isRunning && !$0.paused }
+            if let through {
+                do {
+                    let reply = try call(through, ["KEEL.MEMBER"] + arguments, timeout: 5)
+                    if reply == .simple("OK") { return "OK" }
+                    last = "\(reply)"
+                } catch {
+                    last = "\(error)"
+                }
+            }
+            usleep(200_000)
+        }
+        return last
+    }
+
+    /// Whether the leader lists the node as a voter.
+    func isVoter(_ node: TortureNode) -> Bool {
+        guard let (leader, _) = leader(), case .array(let items?)? = try? call(leader, ["KEEL.MEMBER", "LIST"], timeout: 2) else { return false }
+        return items.contains { $0.text?.hasPrefix("id=\(node.id) ") == true && $0.text?.contains("role=voter") == true }
     }
 
     /// Each node's (applied index, digest, keys) from KEEL.STATEHASH; nil where it does not answer.

@@ -430,20 +430,33 @@ public final class TortureRun: @unchecked Sendable {
             return TortureFault(kind: .oneWay, nodes: [from + 1, to + 1], leader: from == leaderSlot, start: start, end: now(),
                                 detail: String(format: "node %d's messages to node %d dropped for %.2f s", from + 1, to + 1, held))
         case .wipe:
+            // The documented procedure for a member whose data is lost: remove it, and let it join
+            // again empty (as a learner, promoted once caught up). docs/node.md says why a wiped
+            // voter cannot simply come back under its old membership.
             let (node, leader) = target(&random)
             let start = now()
             cluster.kill9(node)
+            let removal = cluster.member(["REMOVE", "\(node.id)"], seconds: 30)
+            guard removal == "OK" else {
+                let restarted = (try? cluster.startProcess(node)) != nil
+                return TortureFault(kind: .wipe, nodes: [node.id], leader: leader, start: start, end: now(),
+                                    detail: "SIGKILL; KEEL.MEMBER REMOVE not answered OK within 30 s (\(removal)); restarted on its data, NOT wiped"
+                                        + (restarted ? "" : " (restart FAILED)"))
+            }
             do { try cluster.wipe(node) } catch {
                 _ = try? cluster.startProcess(node)
                 return TortureFault(kind: .wipe, nodes: [node.id], leader: leader, start: start, end: now(), detail: "wipe FAILED: \(error)")
             }
-            hold(seconds(0.2...1, &random))
+            node.joins = true
             let restarted = (try? cluster.startProcess(node)) != nil
-            // The next fault waits until it has caught up (injectFaults checks health first).
-            let caughtUp = cluster.waitUntilHealthy(seconds: 60) { self.isStopping }
+            // The next fault waits until it is a voter again and has caught up.
+            let deadline = now() + 60_000_000_000
+            while now() < deadline, !isStopping, !cluster.isVoter(node) { usleep(100_000) }
+            let voter = cluster.isVoter(node)
+            let caughtUp = voter && cluster.waitUntilHealthy(seconds: max(1, Double(deadline &- now()) / 1e9)) { self.isStopping }
             return TortureFault(kind: .wipe, nodes: [node.id], leader: leader, start: start, end: now(),
-                                detail: "SIGKILL, data directory deleted, restarted empty" + (restarted ? "" : " (restart FAILED)")
-                                    + (caughtUp ? ", caught up" : ", NOT caught up within 60 s"))
+                                detail: "SIGKILL, removed, data directory deleted, joined again empty" + (restarted ? "" : " (restart FAILED)")
+                                    + (caughtUp ? ", a voter again and caught up" : voter ? ", a voter again but NOT caught up within 60 s" : ", NOT a voter again within 60 s"))
         case .disk:
             let (node, leader) = target(&random)
             let before = cluster.fullDiskReports(node)

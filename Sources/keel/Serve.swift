@@ -91,7 +91,9 @@ struct Serve: AsyncParsableCommand {
         if let joinTarget {
             let own = PeerAddress(host: settings.bind, port: settings.peerPort)
             do {
+                // Addresses given with --peers win over the cluster's (as they do over the log's).
                 settings.peers = try joinCluster(target: joinTarget, node: settings.nodeID, peerAddress: own)
+                    .merging(settings.peers) { _, configured in configured }
             } catch {
                 FileHandle.standardError.write(Data("keel serve: cannot join through \(joinTarget): \(error)\n".utf8))
                 throw ExitCode(1)

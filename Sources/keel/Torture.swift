@@ -37,7 +37,7 @@ struct TortureRunCommand: ParsableCommand {
     @Option(help: "Seconds a client waits for an answer (then the outcome is unknown).") var timeout: Double = 2
     @Option(help: "Where the history is written (JSON).") var history = "keel-torture-history.json"
     @Option(name: .customLong("work-dir"), help: "Where data directories and node logs go (default: a new directory under /tmp).") var workDir: String?
-    @Flag(help: "Keep the work directory (it is kept anyway after a violation).") var keep = false
+    @Flag(help: "Keep the work directory (it is kept anyway unless the run passed).") var keep = false
     @Option(name: .customLong("keel"), help: "The keel executable the nodes run (default: this one).") var keelPath: String?
     @Argument(parsing: .postTerminator, help: "Flags for every keel serve (after --).") var serveArguments: [String] = []
 
@@ -91,7 +91,7 @@ struct TortureRunCommand: ParsableCommand {
         let report = TortureChecker.check(result)
         print(report.rendered())
         print("history: \(history) (check it again with: keel torture check \(history))")
-        if keep || !report.passed {
+        if keep || report.exitCode != 0 {
             print("work directory kept: \(work) (node logs node*.log)")
         } else {
             try? FileManager.default.removeItem(atPath: work)
