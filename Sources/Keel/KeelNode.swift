@@ -111,6 +111,11 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     /// A promotion this node (as leader) proposed and has not seen applied, with the tick it expires.
     private var promoting: (node: NodeID, untilTick: UInt64)?
     private var ticks: UInt64 = 0
+    /// Set when a Ready is handed to storage: its entries are this leader's own and were sent to
+    /// no one (a full disk may then refuse them).
+    private var writeIsOwnUnsent = false
+    /// The tick of the last full-disk warning logged.
+    private var lastFullDiskWarning: UInt64?
     /// Storage work that may block (snapshot files, install): never on the loop.
     let storageQueue = DispatchQueue(label: "keel.node.storage")
     private var snapshotting = false
@@ -601,6 +606,10 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         let early = sendsEarly ? ready.messages.filter(Self.mayPrecedePersistence) : []
         let late = sendsEarly ? ready.messages.filter { !Self.mayPrecedePersistence($0) } : ready.messages
         if !early.isEmpty { transport.send(early) }
+        // Whether this write's entries are this leader's own and reached no one else yet: only
+        // then may a full disk refuse them (a follower's entries came from a leader, and sent
+        // appends may be held by followers; either may commit).
+        writeIsOwnUnsent = role == .leader && !early.contains { $0.kind == .appendEntries && !$0.entries.isEmpty }
         persisting = true
         let storage = self.storage
         // A hard state that only moves the commit index needs no fsync of its own (as etcd's
@@ -695,9 +704,14 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
             // A full disk (DESIGN contract 3): the log cut back to its last record; refuse what
             // waited, forget what was not written (as after a crash), keep serving reads, and take
             // writes again once there is room.
-            failAfterFullDisk(ready, cause: "\(cause)")
+            failAfterFullDisk(ready, ownUnsent: writeIsOwnUnsent, cause: "\(cause)")
             diskFull = true
-            return restartCore(because: "the disk is full (\(cause)); writes are refused until there is room", refusedSnapshot: false)
+            // Said once per 10 s at most: a follower meets the full disk with every append.
+            let quietTicks = UInt64(10_000 / max(1, configuration.tickMilliseconds))
+            let quietly = lastFullDiskWarning.map { ticks &- $0 < quietTicks } ?? false
+            if !quietly { lastFullDiskWarning = ticks }
+            return restartCore(because: "the disk is full (\(cause)); writes are refused until there is room", refusedSnapshot: false,
+                               quietly: quietly)
         case .failure(let error):
             // A failed fsync (or any other write error): stop taking part, and say why.
             return stop("\(error)")
@@ -764,8 +778,12 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
 
     /// Replaces the core with one made from what is durable, as a crash and restart would; what
     /// was not yet persisted (and the messages not yet sent) is gone, and their callers time out.
-    private func restartCore(because reason: String, refusedSnapshot: Bool) {
-        logger.warning("node \(configuration.node): \(reason); restarting Raft from the durable state")
+    private func restartCore(because reason: String, refusedSnapshot: Bool, quietly: Bool = false) {
+        if quietly {
+            logger.debug("node \(configuration.node): \(reason); restarting Raft from the durable state")
+        } else {
+            logger.warning("node \(configuration.node): \(reason); restarting Raft from the durable state")
+        }
         if refusedSnapshot { rejectedSnapshots += 1 }
         do {
             raft = try RaftNode(configuration: configuration.raft, storage: storage, randomSeed: UInt64.random(in: 1...UInt64.max),
@@ -915,13 +933,16 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         transfer = nil
     }
 
-    /// After a full disk: the proposals whose entries were in the failed write, or not yet handed
-    /// to Raft, were refused (`noSpace`); the others were handed to Raft earlier (durable here,
-    /// or forwarded) and may still commit (`interrupted`); reads are retried (`noLeader`: the
-    /// core restarts without one).
-    private func failAfterFullDisk(_ ready: Ready, cause: String) {
+    /// After a full disk: the proposals not yet handed to Raft were refused (`noSpace`), and so
+    /// were those whose entries were in the failed write if it was this leader's own and none of
+    /// its appends had gone out (`ownUnsent`). Otherwise the entries may commit: a follower's
+    /// came from a leader that has them (found by `keel torture`: a write refused on a follower
+    /// with a full disk was committed), and a leader's sent appends may be held by followers
+    /// (§10.2.1). Those, and the proposals handed to Raft earlier (durable here, or forwarded), are
+    /// answered `interrupted`; reads are retried (`noLeader`: the core restarts without one).
+    private func failAfterFullDisk(_ ready: Ready, ownUnsent: Bool, cause: String) {
         var refused = Set(proposalBuffer.map(\.request))
-        for entry in ready.entries where entry.kind == .normal {
+        for entry in ready.entries where entry.kind == .normal && ownUnsent {
             if let (tag, _) = CommandRecord.decode(entry.data), tag.origin == configuration.node.rawValue, tag.run == run {
                 refused.insert(tag.request)
             }

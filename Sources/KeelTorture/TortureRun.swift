@@ -29,6 +29,9 @@ public struct TortureOptions: Sendable {
     public var keySeconds: Double = 10
     /// The fault kinds to inject.
     public var faults: [TortureFaultKind] = TortureFaultKind.allCases
+    /// Inject the kinds in the order given, round and round (a schedule), instead of every kind
+    /// once in a seeded order and then at random.
+    public var inOrder = false
     /// Mean seconds without a fault between two faults.
     public var faultIntervalSeconds: Double = 2
     /// How long a client waits for an answer before the outcome is unknown.
@@ -344,16 +347,23 @@ public final class TortureRun: @unchecked Sendable {
         range.lowerBound + Double(random.next() >> 11) / Double(1 << 53) * (range.upperBound - range.lowerBound)
     }
 
-    /// The fault thread: every kind once in a seeded order, then kinds at random, each after the
-    /// cluster is healthy again (all nodes up and caught up) or a 30-second wait.
+    /// The fault thread: every kind once in a seeded order, then kinds at random (or the kinds in
+    /// their given order, round and round), each after the cluster is healthy again (all nodes up and caught up) or a 30-second wait.
     private func injectFaults(_ kinds: [TortureFaultKind], until end: UInt64) {
         guard !kinds.isEmpty else { return }
         var random = SeededRandom(seed: options.seed)
         var plan = kinds
-        plan.shuffle(using: &random)
+        if !options.inOrder { plan.shuffle(using: &random) }
         hold(seconds(0.5...1.5, &random) * max(1, options.faultIntervalSeconds))
+        var injected = 0
         while now() < end, !isStopping {
-            let kind = plan.isEmpty ? kinds[Int(random.next() % UInt64(kinds.count))] : plan.removeFirst()
+            let kind: TortureFaultKind
+            if options.inOrder {
+                kind = kinds[injected % kinds.count]
+            } else {
+                kind = plan.isEmpty ? kinds[Int(random.next() % UInt64(kinds.count))] : plan.removeFirst()
+            }
+            injected += 1
             let healthy = cluster.waitUntilHealthy(seconds: 30) { self.isStopping || self.now() >= end }
             guard now() < end, !isStopping else { break }
             if !healthy {

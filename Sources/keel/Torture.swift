@@ -33,6 +33,7 @@ struct TortureRunCommand: ParsableCommand {
     @Option(help: "Register keys in use at a time.") var keys = 8
     @Option(name: .customLong("key-seconds"), help: "Seconds before clients move to fresh register keys.") var keySeconds: Double = 10
     @Option(help: "Fault kinds, comma-separated: kill, pause, partition, one-way, wipe, disk; all; or none.") var faults = "all"
+    @Flag(name: .customLong("in-order"), help: "Inject the --faults kinds in the order given, round and round (default: each once in a seeded order, then at random).") var inOrder = false
     @Option(name: .customLong("fault-interval"), help: "Mean seconds between faults.") var faultInterval: Double = 2
     @Option(help: "Seconds a client waits for an answer (then the outcome is unknown).") var timeout: Double = 2
     @Option(help: "Where the history is written (JSON).") var history = "keel-torture-history.json"
@@ -67,6 +68,7 @@ struct TortureRunCommand: ParsableCommand {
         options.keySeconds = keySeconds
         options.faults = kinds
         options.faultIntervalSeconds = faultInterval
+        options.inOrder = inOrder
         options.requestTimeoutSeconds = timeout
         options.serveArguments = serveArguments
         options.progress = { FileHandle.standardOutput.write(Data(($0 + "\n").utf8)) }

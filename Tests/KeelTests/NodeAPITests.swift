@@ -386,7 +386,7 @@ extension NodeAPITests {
         try await group.shutdownGracefully()
     }
 
-    @Test("a leader's full disk: the write that failed is refused, an earlier one still waiting for followers is 'interrupted' (it may commit)")
+    @Test("a leader's full disk: the write that failed (its appends already sent) and an earlier one still waiting for followers are 'interrupted' (they may commit)")
     func fullDiskInterrupts() async throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let ports = try await freePorts(3, group: group)
@@ -428,10 +428,87 @@ extension NodeAPITests {
         disks[position].setCapacity(disks[position].usedBytes + 1024)
         var failed: NodeError?
         do { _ = try await leader.propose(Array("set big \(String(repeating: "x", count: 20_000))".utf8)) } catch let error as NodeError { failed = error }
-        if case .noSpace = failed {} else { Issue.record("the write that hit the full disk: \(String(describing: failed))") }
+        // Sent to the followers' addresses before the write failed: not refused (nobody can say
+        // the followers did not take it). A sole voter's failed write is refused (the test above).
+        if case .interrupted = failed {} else { Issue.record("the write that hit the full disk: \(String(describing: failed))") }
         let earlier = try await waiting.value
         if case .interrupted = earlier {} else { Issue.record("the earlier write, durable and uncommitted: \(String(describing: earlier))") }
         await leader.shutdown()
+        try await group.shutdownGracefully()
+    }
+
+    @Test("a follower's full disk: a write it forwarded, whose entry the leader sent back, is 'interrupted', not refused, and commits")
+    func followerFullDisk() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let ports = try await freePorts(3, group: group)
+        let members = Dictionary(uniqueKeysWithValues: (1...3).map { (NodeID(UInt64($0)), address(ports[$0 - 1])) })
+        let disks = (1...3).map { SimulatedFileSystem(seed: UInt64(40 + $0)) }
+        var nodes: [KeelNode<TestMachine>] = []
+        for id in 1...3 {
+            var configuration = settings(UInt64(id), "/follower-full", members: members)
+            configuration.log = LogOptions(segmentSize: 16 << 10)
+            nodes.append(try await KeelNode.start(configuration: configuration, machine: TestMachine(), group: group, logger: silentLogger,
+                                                  fileSystem: disks[id - 1]))
+        }
+        _ = try await commit("set first 1", via: nodes)
+        var follower: Int?
+        for _ in 0..<250 where follower == nil {
+            var roles: [Role] = []
+            for node in nodes { roles.append(try await node.status().role) }
+            if roles.contains(.leader) { follower = roles.firstIndex(of: .follower) }
+            if follower == nil { try await Task.sleep(for: .milliseconds(20)) }
+        }
+        let position = try #require(follower)
+        // The entry needs a new segment on this follower, which has no room; the others have.
+        disks[position].setCapacity(disks[position].usedBytes + 1024)
+        let big = String(repeating: "y", count: 20_000)
+        var failed: NodeError?
+        do { _ = try await nodes[position].propose(Array("set big \(big)".utf8)) } catch let error as NodeError { failed = error }
+        if case .interrupted = failed {} else { Issue.record("the write the full follower forwarded: \(String(describing: failed))") }
+        let others = nodes.indices.filter { $0 != position }.map { nodes[$0] }
+        let committed = try await eventually(seconds: 20) {
+            for node in others where try await node.read(consistency: .local, { $0.values["big"] }) != big { return false }
+            return true
+        }
+        #expect(committed, "the leader and the other follower committed it")
+        for node in nodes { await node.shutdown() }
+        try await group.shutdownGracefully()
+    }
+
+    @Test("a leader's full disk after it sent the write's appends: the write is 'interrupted', not refused, and the next leader commits it")
+    func fullDiskAfterAppendsSent() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let ports = try await freePorts(3, group: group)
+        let members = Dictionary(uniqueKeysWithValues: (1...3).map { (NodeID(UInt64($0)), address(ports[$0 - 1])) })
+        let disks = (1...3).map { SimulatedFileSystem(seed: UInt64(30 + $0)) }
+        var nodes: [KeelNode<TestMachine>] = []
+        for id in 1...3 {
+            var configuration = settings(UInt64(id), "/sent", members: members)
+            configuration.log = LogOptions(segmentSize: 16 << 10)
+            nodes.append(try await KeelNode.start(configuration: configuration, machine: TestMachine(), group: group, logger: silentLogger,
+                                                  fileSystem: disks[id - 1]))
+        }
+        _ = try await commit("set first 1", via: nodes)
+        var leaderPosition: Int?
+        for _ in 0..<250 where leaderPosition == nil {
+            for (position, node) in nodes.enumerated() where try await node.status().role == .leader { leaderPosition = position }
+            if leaderPosition == nil { try await Task.sleep(for: .milliseconds(20)) }
+        }
+        let position = try #require(leaderPosition)
+        // The write needs a new segment on the leader, which has no room; its followers have.
+        disks[position].setCapacity(disks[position].usedBytes + 1024)
+        let big = String(repeating: "x", count: 20_000)
+        var failed: NodeError?
+        do { _ = try await nodes[position].propose(Array("set big \(big)".utf8)) } catch let error as NodeError { failed = error }
+        if case .interrupted = failed {} else { Issue.record("the write whose appends went out: \(String(describing: failed))") }
+        // It was not refused: the followers hold it, and the one elected next commits it.
+        let followers = nodes.indices.filter { $0 != position }.map { nodes[$0] }
+        let committed = try await eventually(seconds: 20) {
+            for follower in followers where try await follower.read(consistency: .local, { $0.values["big"] }) != big { return false }
+            return true
+        }
+        #expect(committed, "the write the full-disk leader sent out was committed by the next leader")
+        for node in nodes { await node.shutdown() }
         try await group.shutdownGracefully()
     }
 }
