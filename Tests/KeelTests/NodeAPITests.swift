@@ -386,27 +386,39 @@ extension NodeAPITests {
         try await group.shutdownGracefully()
     }
 
-    @Test("a leader's full disk: the write that failed (its appends already sent) and an earlier one still waiting for followers are 'interrupted' (they may commit)")
-    func fullDiskInterrupts() async throws {
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+    /// Three nodes, each on a simulated disk of its own (16 KiB log segments, so a large write
+    /// needs a new segment), with one write committed; the disks, the nodes and the position of
+    /// a node in `role` once there is a leader.
+    func fullDiskCluster(_ base: String, seed: UInt64, role: Role, group: any EventLoopGroup,
+                         adjust: (inout NodeConfiguration) -> Void = { _ in }) async throws
+        -> (disks: [SimulatedFileSystem], nodes: [KeelNode<TestMachine>], position: Int) {
         let ports = try await freePorts(3, group: group)
         let members = Dictionary(uniqueKeysWithValues: (1...3).map { (NodeID(UInt64($0)), address(ports[$0 - 1])) })
-        let disks = (1...3).map { SimulatedFileSystem(seed: UInt64(20 + $0)) }
+        let disks = (1...3).map { SimulatedFileSystem(seed: seed + UInt64($0)) }
         var nodes: [KeelNode<TestMachine>] = []
         for id in 1...3 {
-            var configuration = settings(UInt64(id), "/interrupt", members: members)
+            var configuration = settings(UInt64(id), base, members: members)
             configuration.log = LogOptions(segmentSize: 16 << 10)
-            configuration.raft.checkQuorum = false // the leader keeps leading once its followers are gone
+            adjust(&configuration)
             nodes.append(try await KeelNode.start(configuration: configuration, machine: TestMachine(), group: group, logger: silentLogger,
                                                   fileSystem: disks[id - 1]))
         }
         _ = try await commit("set first 1", via: nodes)
-        var leaderPosition: Int?
-        for _ in 0..<250 where leaderPosition == nil {
-            for (position, node) in nodes.enumerated() where try await node.status().role == .leader { leaderPosition = position }
-            if leaderPosition == nil { try await Task.sleep(for: .milliseconds(20)) }
+        for _ in 0..<250 {
+            var roles: [Role] = []
+            for node in nodes { roles.append(try await node.status().role) }
+            if roles.contains(.leader), let position = roles.firstIndex(of: role) { return (disks, nodes, position) }
+            try await Task.sleep(for: .milliseconds(20))
         }
-        let position = try #require(leaderPosition)
+        Issue.record("no node became \(role)")
+        throw NodeError.noLeader
+    }
+
+    @Test("a leader's full disk: the write that failed (its appends already sent) and an earlier one still waiting for followers are 'interrupted' (they may commit)")
+    func fullDiskInterrupts() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        // checkQuorum off: the leader keeps leading once its followers are gone.
+        let (disks, nodes, position) = try await fullDiskCluster("/interrupt", seed: 20, role: .leader, group: group) { $0.raft.checkQuorum = false }
         let leader = nodes[position]
         for (other, node) in nodes.enumerated() where other != position { await node.shutdown() }
         // Written on the leader's disk, never committed (no follower answers).
@@ -440,25 +452,7 @@ extension NodeAPITests {
     @Test("a follower's full disk: a write it forwarded, whose entry the leader sent back, is 'interrupted', not refused, and commits")
     func followerFullDisk() async throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        let ports = try await freePorts(3, group: group)
-        let members = Dictionary(uniqueKeysWithValues: (1...3).map { (NodeID(UInt64($0)), address(ports[$0 - 1])) })
-        let disks = (1...3).map { SimulatedFileSystem(seed: UInt64(40 + $0)) }
-        var nodes: [KeelNode<TestMachine>] = []
-        for id in 1...3 {
-            var configuration = settings(UInt64(id), "/follower-full", members: members)
-            configuration.log = LogOptions(segmentSize: 16 << 10)
-            nodes.append(try await KeelNode.start(configuration: configuration, machine: TestMachine(), group: group, logger: silentLogger,
-                                                  fileSystem: disks[id - 1]))
-        }
-        _ = try await commit("set first 1", via: nodes)
-        var follower: Int?
-        for _ in 0..<250 where follower == nil {
-            var roles: [Role] = []
-            for node in nodes { roles.append(try await node.status().role) }
-            if roles.contains(.leader) { follower = roles.firstIndex(of: .follower) }
-            if follower == nil { try await Task.sleep(for: .milliseconds(20)) }
-        }
-        let position = try #require(follower)
+        let (disks, nodes, position) = try await fullDiskCluster("/follower-full", seed: 40, role: .follower, group: group)
         // The entry needs a new segment on this follower, which has no room; the others have.
         disks[position].setCapacity(disks[position].usedBytes + 1024)
         let big = String(repeating: "y", count: 20_000)
@@ -478,23 +472,7 @@ extension NodeAPITests {
     @Test("a leader's full disk after it sent the write's appends: the write is 'interrupted', not refused, and the next leader commits it")
     func fullDiskAfterAppendsSent() async throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        let ports = try await freePorts(3, group: group)
-        let members = Dictionary(uniqueKeysWithValues: (1...3).map { (NodeID(UInt64($0)), address(ports[$0 - 1])) })
-        let disks = (1...3).map { SimulatedFileSystem(seed: UInt64(30 + $0)) }
-        var nodes: [KeelNode<TestMachine>] = []
-        for id in 1...3 {
-            var configuration = settings(UInt64(id), "/sent", members: members)
-            configuration.log = LogOptions(segmentSize: 16 << 10)
-            nodes.append(try await KeelNode.start(configuration: configuration, machine: TestMachine(), group: group, logger: silentLogger,
-                                                  fileSystem: disks[id - 1]))
-        }
-        _ = try await commit("set first 1", via: nodes)
-        var leaderPosition: Int?
-        for _ in 0..<250 where leaderPosition == nil {
-            for (position, node) in nodes.enumerated() where try await node.status().role == .leader { leaderPosition = position }
-            if leaderPosition == nil { try await Task.sleep(for: .milliseconds(20)) }
-        }
-        let position = try #require(leaderPosition)
+        let (disks, nodes, position) = try await fullDiskCluster("/sent", seed: 30, role: .leader, group: group)
         // The write needs a new segment on the leader, which has no room; its followers have.
         disks[position].setCapacity(disks[position].usedBytes + 1024)
         let big = String(repeating: "x", count: 20_000)
