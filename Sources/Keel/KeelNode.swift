@@ -167,7 +167,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         node.transport = PeerTransport(
             configuration: PeerTransportConfiguration(node: configuration.node, listen: configuration.members[configuration.node]!,
                                                       clusterToken: configuration.clusterToken),
-            peers: addresses.filter { $0.key != configuration.node }, group: group, logger: logger
+            peers: dialTable(addresses, configuration), group: group, logger: logger
         ) { [weak node] message in
             guard let node else { return }
             node.loop.execute { node.receive(message) }
@@ -724,7 +724,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
                 let (known, machineState) = try NodeSnapshotDecoding.decode(installed)
                 try machine.restore(from: machineState)
                 addresses = known.merging(configuration.members) { _, configured in configured }
-                transport.updatePeers(addresses.filter { $0.key != configuration.node })
+                transport.updatePeers(Self.dialTable(addresses, configuration))
                 appliedIndex = snapshot.index
                 appliedMembership = snapshot.membership
                 noteMembership(snapshot.membership)
@@ -799,18 +799,23 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         process()
     }
 
+    /// Where the transport dials each other member: its configured route, else its address.
+    static func dialTable(_ addresses: [NodeID: PeerAddress], _ configuration: NodeConfiguration) -> [NodeID: PeerAddress] {
+        var table: [NodeID: PeerAddress] = [:]
+        for (id, address) in addresses where id != configuration.node { table[id] = configuration.routes[id] ?? address }
+        return table
+    }
+
     /// Learns the addresses new configuration entries carry, so messages can reach new members.
     private func learnAddresses(from entries: [Entry]) {
         var changed = false
         for entry in entries where entry.kind == .configurationChange {
-            // A configured address wins over the log's, as over a snapshot's.
             guard let change = ConfigurationChange(decoding: entry.data), change.kind != .remove,
-                  let address = configuration.members[change.node] ?? ChangeContext.decode(change.context)?.1,
-                  addresses[change.node] != address else { continue }
+                  let (_, address) = ChangeContext.decode(change.context), let address, addresses[change.node] != address else { continue }
             addresses[change.node] = address
             changed = true
         }
-        if changed { transport.updatePeers(addresses.filter { $0.key != configuration.node }) }
+        if changed { transport.updatePeers(Self.dialTable(addresses, configuration)) }
     }
 
     /// Takes a snapshot when enough entries were applied since the last one, or one was asked
@@ -879,11 +884,11 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
                 addresses[change.node] = nil
                 loop.scheduleTask(in: .milliseconds(10 * configuration.tickMilliseconds)) {
                     guard self.addresses[change.node] == nil else { return }
-                    self.transport.updatePeers(self.addresses.filter { $0.key != self.configuration.node })
+                    self.transport.updatePeers(Self.dialTable(self.addresses, self.configuration))
                 }
-            } else if let address = configuration.members[change.node] ?? decoded?.1, addresses[change.node] != address {
+            } else if let address = decoded?.1, addresses[change.node] != address {
                 addresses[change.node] = address
-                transport.updatePeers(addresses.filter { $0.key != configuration.node })
+                transport.updatePeers(Self.dialTable(addresses, configuration))
             }
             if promoting?.node == change.node { promoting = nil }
             // The caller learns its change applied before anything else happens (a node that just
@@ -940,9 +945,12 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     /// with a full disk was committed), and a leader's sent appends may be held by followers
     /// (§10.2.1). Those, and the proposals handed to Raft earlier (durable here, or forwarded), are
     /// answered `interrupted`; reads are retried (`noLeader`: the core restarts without one).
+    /// Of the failed write, only entries past the log's end after the cut-back are refused: a
+    /// write whose entries straddled a segment rotation may have its first entries durable.
     private func failAfterFullDisk(_ ready: Ready, ownUnsent: Bool, cause: String) {
         var refused = Set(proposalBuffer.map(\.request))
-        for entry in ready.entries where entry.kind == .normal && ownUnsent {
+        let durableEnd = storage.lastIndex
+        for entry in ready.entries where entry.kind == .normal && ownUnsent && entry.index > durableEnd {
             if let (tag, _) = CommandRecord.decode(entry.data), tag.origin == configuration.node.rawValue, tag.run == run {
                 refused.insert(tag.request)
             }

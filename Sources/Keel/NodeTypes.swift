@@ -101,6 +101,9 @@ public struct NodeConfiguration: Sendable {
     /// Where the members listen for peers, this node included. For a new cluster (`join` false)
     /// these are its voters; a node that joins a running cluster lists the members it can reach.
     public var members: [NodeID: PeerAddress]
+    /// Where to dial members, whatever the membership's records say (the log's and snapshots'
+    /// addresses, and `members`): a route through a proxy or a tunnel. Empty by default.
+    public var routes: [NodeID: PeerAddress] = [:]
     /// Whether this node joins a running cluster (after a member called `addLearner` or
     /// `addMember` for it) instead of founding one. A joining node learns the membership and the
     /// state from the leader.

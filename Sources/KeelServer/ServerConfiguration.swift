@@ -31,6 +31,8 @@ public struct ServerConfiguration: Sendable {
     public var nodeID = NodeID(1)
     public var peerPort = 16379
     public var peers: [NodeID: PeerAddress] = [:]
+    /// Where to dial members instead of the addresses the cluster records (`--peer-routes`).
+    public var peerRoutes: [NodeID: PeerAddress] = [:]
     public var clusterToken = "keel"
     /// Join a running cluster (as a learner a member added) instead of founding one.
     public var join = false
@@ -73,6 +75,7 @@ public struct ServerConfiguration: Sendable {
     func nodeConfiguration() -> NodeConfiguration {
         var configuration = NodeConfiguration(node: nodeID, dataDirectory: dataDirectory, members: members, clusterToken: Array(clusterToken.utf8))
         configuration.join = join
+        configuration.routes = peerRoutes
         configuration.snapshotInterval = checkpointEntries
         configuration.snapshotLogBytes = checkpointLogBytes
         configuration.tickMilliseconds = tickMilliseconds

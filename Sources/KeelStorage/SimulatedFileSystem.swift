@@ -58,6 +58,7 @@ public final class SimulatedFileSystem: FileSystem {
         var crashed = false
         var counters = Counters()
         var crashAfterMutation: Int?
+        var failNextAllocations = 0
         var failNextSyncs = 0
         var syncFailureKind = FileSystemError.Kind.inputOutput
         var capacity: Int?
@@ -99,6 +100,12 @@ public final class SimulatedFileSystem: FileSystem {
             $0.failNextSyncs = count
             $0.syncFailureKind = kind
         }
+    }
+
+    /// Makes the next `count` preallocations (fallocate) fail with ENOSPC, whatever the capacity:
+    /// a full disk met at one exact step (another writer took the space just freed).
+    public func failNextAllocations(_ count: Int = 1) {
+        state.withLock { $0.failNextAllocations = count }
     }
 
     /// Limits the total bytes of all files; growing past it fails with ENOSPC. `nil` removes the limit.
@@ -380,6 +387,10 @@ public final class SimulatedFileSystem: FileSystem {
         try state.withLock { s throws(FileSystemError) in
             if s.crashed { throw Self.crashedError("fallocate", "fd \(handle.rawValue)") }
             let info = try Self.handleInfo(s, handle, "fallocate")
+            if s.failNextAllocations > 0 {
+                s.failNextAllocations -= 1
+                throw Self.error(.noSpace, 28, "fallocate", info.path)
+            }
             let size = offset + length
             let current = s.inodes[info.inode]!.current.count
             guard size > current else { return }

@@ -803,8 +803,17 @@ public final class WriteAheadLog: @unchecked Sendable {
             try attemptFatal { () throws(FileSystemError) in try fileSystem.remove(joinPath(directory, segment.name)) }
             try attemptFatal { () throws(FileSystemError) in try fileSystem.synchronizeDirectory(directory) }
         }
+        // The old segments are gone, so there is no log to fall back to: on a full disk the new
+        // one is made without its preallocation (it grows as records are written, and a later
+        // ENOSPC there is the usual recoverable one). Found by `keel torture`: a follower that
+        // installed a checkpoint onto a full disk stopped for good.
         let fresh = try attemptFatal { () throws(FileSystemError) -> Segment in
-            try Self.createSegment(directory: directory, firstIndex: index.next, fileSystem: fileSystem, size: options.segmentSize)
+            do throws(FileSystemError) {
+                return try Self.createSegment(directory: directory, firstIndex: index.next, fileSystem: fileSystem, size: options.segmentSize)
+            } catch where error.kind == .noSpace {
+                return try Self.createSegment(directory: directory, firstIndex: index.next, fileSystem: fileSystem,
+                                              size: LogFormat.segmentHeaderSize)
+            }
         }
         // Readers hold the table lock while they read, so the old handles close only once no
         // reader can reach them.
@@ -989,8 +998,10 @@ public final class WriteAheadLog: @unchecked Sendable {
         }
     }
 
-    /// ENOSPC: fail the batch's rest and the queue, cut the segment back to its last acknowledged
-    /// record (the table holds exactly the acknowledged ones), and go on.
+    /// ENOSPC: fail the batch's rest and the queue, cut the segment back to its last published
+    /// record, and go on. The table holds the records written and published, which may include
+    /// the first records of a failed caller's batch (written before a rotation that failed): the
+    /// log's `lastIndex` afterwards says which of a failed batch's entries are kept.
     private func recoverFromNoSpace(_ error: FileSystemError, failed: [Pending]) {
         // A prepared next segment holds a segment's worth of space: give it back (the next
         // successful rotation prepares again).

@@ -16,6 +16,8 @@ public struct TortureReport: Sendable {
     public var phantomWrites: [String] = []
     /// How the nodes disagree at the end.
     public var divergence: [String] = []
+    /// Answers a command never gives (recorded with an error beginning "unexpected reply").
+    public var unexpectedReplies: [String] = []
     /// What could not be decided (a search that hit its bound, an end state that could not be read).
     public var undecided: [String] = []
     /// Register keys checked.
@@ -33,7 +35,9 @@ public struct TortureReport: Sendable {
     public var leaderKillUnavailability: [UInt64?] = []
 
     /// Whether nothing was violated.
-    public var passed: Bool { linearizabilityViolations.isEmpty && lostWrites.isEmpty && phantomWrites.isEmpty && divergence.isEmpty }
+    public var passed: Bool {
+        linearizabilityViolations.isEmpty && lostWrites.isEmpty && phantomWrites.isEmpty && divergence.isEmpty && unexpectedReplies.isEmpty
+    }
 
     /// 0: passed; 1: a violation; 2: passed as far as it could be checked, but something was
     /// undecided.
@@ -42,8 +46,8 @@ public struct TortureReport: Sendable {
     /// The verdict line.
     public var verdict: String {
         if !passed {
-            let count = linearizabilityViolations.count + lostWrites.count + phantomWrites.count + divergence.count
-            return "VIOLATION: \(count) found (linearizability \(linearizabilityViolations.count), lost writes \(lostWrites.count), phantom writes \(phantomWrites.count), divergence \(divergence.count))"
+            let count = linearizabilityViolations.count + lostWrites.count + phantomWrites.count + divergence.count + unexpectedReplies.count
+            return "VIOLATION: \(count) found (linearizability \(linearizabilityViolations.count), lost writes \(lostWrites.count), phantom writes \(phantomWrites.count), divergence \(divergence.count), unexpected replies \(unexpectedReplies.count))"
         }
         return undecided.isEmpty ? "PASS: no violation found" : "PASS WITH UNDECIDED PARTS: \(undecided.count) could not be checked"
     }
@@ -81,6 +85,7 @@ public struct TortureReport: Sendable {
         for item in lostWrites { lines.append("VIOLATION (lost write): \(item)") }
         for item in phantomWrites { lines.append("VIOLATION (phantom write): \(item)") }
         for item in divergence { lines.append("VIOLATION (divergence): \(item)") }
+        for item in unexpectedReplies { lines.append("VIOLATION (unexpected reply): \(item)") }
         for item in undecided { lines.append("UNDECIDED: \(item)") }
         lines.append(verdict)
         return lines.joined(separator: "\n")
@@ -106,6 +111,9 @@ public enum TortureChecker {
             counts.count += 1
             if fault.leader { counts.leader += 1 }
             report.faults[fault.kind] = counts
+        }
+        for operation in history.operations where operation.error?.hasPrefix("unexpected reply") == true {
+            report.unexpectedReplies.append("#\(operation.id) \(operation.kind.rawValue) \(operation.key) on node \(operation.node): \(operation.error ?? "")")
         }
         checkRegisters(history, stateBound: stateBound, into: &report)
         checkAdds(history, into: &report)

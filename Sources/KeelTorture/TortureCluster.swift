@@ -83,8 +83,41 @@ final class TortureCluster: @unchecked Sendable {
         self.proxies = proxies
     }
 
-    /// Ports free at the moment (bound to port 0 and released).
+    /// Ports free at the moment, below the kernel's ephemeral range (so no outgoing connection
+    /// takes a stopped node's port while it is down), chosen at random and checked by binding.
     static func freePorts(_ count: Int) throws -> [Int] {
+        var low = 32768
+        if let text = try? String(contentsOfFile: "/proc/sys/net/ipv4/ip_local_port_range", encoding: .utf8),
+           let first = text.split(whereSeparator: \.isWhitespace).first, let value = Int(first) { low = value }
+        guard low > 11_000 else { return try ephemeralPorts(count) }
+        var ports: [Int] = []
+        var attempts = 0
+        while ports.count < count {
+            attempts += 1
+            guard attempts < 10_000 else { throw TortureError.setup("no free port below \(low)") }
+            let port = Int.random(in: 10_000..<low)
+            if !ports.contains(port), canBind(port) { ports.append(port) }
+        }
+        return ports
+    }
+
+    static func canBind(_ port: Int) -> Bool {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        var one: Int32 = 1
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        address.sin_port = in_port_t(UInt16(port).bigEndian)
+        return withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        } == 0
+    }
+
+    /// Ports the kernel picks (bound to port 0 and released), where its range leaves no room below.
+    static func ephemeralPorts(_ count: Int) throws -> [Int] {
         var sockets: [Int32] = []
         defer { for socket in sockets { close(socket) } }
         var ports: [Int] = []
@@ -115,6 +148,10 @@ final class TortureCluster: @unchecked Sendable {
     /// for and mounting works), and starts every node.
     func start() throws {
         let files = FileManager.default
+        if let existing = try? files.contentsOfDirectory(atPath: options.workDirectory), !existing.isEmpty {
+            // Old data would start the registers at other values than 0: false violations.
+            throw TortureError.setup("the work directory \(options.workDirectory) is not empty (remove it, or name another)")
+        }
         try files.createDirectory(atPath: options.workDirectory, withIntermediateDirectories: true)
         for node in nodes { try files.createDirectory(atPath: "\(options.workDirectory)/node\(node.id)", withIntermediateDirectories: true) }
         if options.faults.contains(.disk) {
@@ -194,8 +231,12 @@ final class TortureCluster: @unchecked Sendable {
             let port = other.slot == node.slot ? other.peerPort : proxies[node.slot][other.slot]!.port
             return "\(other.id)=127.0.0.1:\(port)"
         }.joined(separator: ",")
+        // Routes win over the addresses the cluster records (a rejoined node's entry carries its
+        // real port): every link goes through its proxy.
+        let routes = nodes.filter { $0.slot != node.slot }.map { "\($0.id)=127.0.0.1:\(proxies[node.slot][$0.slot]!.port)" }.joined(separator: ",")
         var arguments = ["serve", "--bind", "127.0.0.1", "--port", "\(node.clientPort)", "--node-id", "\(node.id)",
                          "--peer-port", "\(node.peerPort)", "--peers", peers, "--data-dir", node.dataDirectory]
+        if !routes.isEmpty { arguments += ["--peer-routes", routes] }
         if node.joins {
             // Through the leader, or any other node that runs.
             let through = leader()?.node ?? nodes.first { $0 !== node && $0.isRunning } ?? nodes[(node.slot + 1) % nodes.count]
@@ -291,6 +332,12 @@ final class TortureCluster: @unchecked Sendable {
         node.filler = nil
     }
 
+    /// The node's log lines saying it stopped taking part (a fatal storage error).
+    func stopReports(_ node: TortureNode) -> [String] {
+        guard let text = try? String(contentsOfFile: node.logPath, encoding: .utf8) else { return [] }
+        return text.split(separator: "\n").filter { $0.contains("node \(node.id) stops: ") }.map(String.init)
+    }
+
     /// How many times the node's log says its disk was full.
     func fullDiskReports(_ node: TortureNode) -> Int {
         guard let text = try? String(contentsOfFile: node.logPath, encoding: .utf8) else { return 0 }
@@ -362,15 +409,17 @@ final class TortureCluster: @unchecked Sendable {
 
     /// Sends a membership command through the leader (or any node), retrying until it is
     /// answered OK or `seconds` pass; returns the last answer.
-    func member(_ arguments: [String], seconds: Double) -> String {
+    func member(_ arguments: [String], seconds: Double, stop: () -> Bool = { false }) -> String {
         let deadline = RESPClient.deadline(after: seconds)
         var last = "no node answered"
-        while DispatchTime.now().uptimeNanoseconds < deadline {
+        while DispatchTime.now().uptimeNanoseconds < deadline, !stop() {
             let through = leader()?.node ?? nodes.first { $0.isRunning && !$0.paused }
             if let through {
                 do {
                     let reply = try call(through, ["KEEL.MEMBER"] + arguments, timeout: 5)
                     if reply == .simple("OK") { return "OK" }
+                    // A REMOVE that committed while its answer was lost: retried, it is not a member.
+                    if arguments.first == "REMOVE", case .error(let text) = reply, arguments.count > 1, text.hasSuffix("node \(arguments[1]) is not a member") { return "OK" }
                     last = "\(reply)"
                 } catch {
                     last = "\(error)"

@@ -226,7 +226,9 @@ public final class TortureRun: @unchecked Sendable {
     /// Whether an error reply says the write definitely did not take effect. Only the answers
     /// Keel documents as refusals count; anything else is unknown.
     static func isRefusal(_ text: String) -> Bool {
-        text.hasPrefix("CLUSTERDOWN ") || text.contains("this node is not the leader") || text.contains("is not a member of the cluster")
+        // ("not a member of the cluster" is not one: a node that applies its own removal fails
+        // writes it had already handed to Raft with it.)
+        text.hasPrefix("CLUSTERDOWN ") || text.contains("this node is not the leader")
             || text.contains("the write was refused") || text.hasPrefix("EXECABORT ")
     }
 
@@ -263,10 +265,12 @@ public final class TortureRun: @unchecked Sendable {
                 operation.error = text
                 if operation.outcome == .unknown { operation.complete = nil }
             default:
-                // An answer a register never gives: recorded as a result no order can explain.
-                operation.outcome = .ok
-                operation.result = Int64.min
+                // An answer the command never gives: the checker reports every one (a read's is
+                // also a value no order explains; a write's may or may not have taken effect).
+                operation.outcome = kind == .read ? .ok : .unknown
+                operation.result = kind == .read ? Int64.min : nil
                 operation.error = "unexpected reply \(reply)"
+                if operation.outcome == .unknown { operation.complete = nil }
             }
         } catch {
             operation.outcome = kind == .read ? .fail : .unknown
@@ -325,7 +329,7 @@ public final class TortureRun: @unchecked Sendable {
                 operation.error = text
             default:
                 operation.outcome = .unknown
-                operation.error = "unexpected EXEC reply \(reply)"
+                operation.error = "unexpected reply to EXEC \(reply)"
             }
         } catch {
             operation.outcome = .unknown
@@ -378,6 +382,13 @@ public final class TortureRun: @unchecked Sendable {
         }
     }
 
+    /// Starts the node's process again and waits until it answers PING (30 s); false if it did
+    /// not (its log says why).
+    private func restart(_ node: TortureNode) -> Bool {
+        guard (try? cluster.startProcess(node)) != nil else { return false }
+        return cluster.waitUntilServing(node, seconds: 30)
+    }
+
     /// Picks the target: the leader half the time (the faults that matter most), else any node.
     private func target(_ random: inout SeededRandom) -> (TortureNode, Bool) {
         let leader = cluster.leader()
@@ -396,7 +407,7 @@ public final class TortureRun: @unchecked Sendable {
             cluster.kill9(node)
             let down = seconds(0.2...3, &random)
             hold(down)
-            let restarted = (try? cluster.startProcess(node)) != nil
+            let restarted = restart(node)
             return TortureFault(kind: .kill, nodes: [node.id], leader: leader, start: start, end: now(),
                                 detail: String(format: "SIGKILL, restarted after %.2f s", down) + (restarted ? "" : " (restart FAILED)"))
         case .pause:
@@ -446,19 +457,19 @@ public final class TortureRun: @unchecked Sendable {
             let (node, leader) = target(&random)
             let start = now()
             cluster.kill9(node)
-            let removal = cluster.member(["REMOVE", "\(node.id)"], seconds: 30)
+            let removal = cluster.member(["REMOVE", "\(node.id)"], seconds: 30) { self.isStopping }
             guard removal == "OK" else {
-                let restarted = (try? cluster.startProcess(node)) != nil
+                let restarted = restart(node)
                 return TortureFault(kind: .wipe, nodes: [node.id], leader: leader, start: start, end: now(),
                                     detail: "SIGKILL; KEEL.MEMBER REMOVE not answered OK within 30 s (\(removal)); restarted on its data, NOT wiped"
                                         + (restarted ? "" : " (restart FAILED)"))
             }
             do { try cluster.wipe(node) } catch {
-                _ = try? cluster.startProcess(node)
+                _ = restart(node)
                 return TortureFault(kind: .wipe, nodes: [node.id], leader: leader, start: start, end: now(), detail: "wipe FAILED: \(error)")
             }
             node.joins = true
-            let restarted = (try? cluster.startProcess(node)) != nil
+            let restarted = restart(node)
             // The next fault waits until it is a voter again and has caught up.
             let deadline = now() + 60_000_000_000
             while now() < deadline, !isStopping, !cluster.isVoter(node) { usleep(100_000) }
@@ -488,7 +499,7 @@ public final class TortureRun: @unchecked Sendable {
             cluster.free(node)
             let met = cluster.fullDiskReports(node) - before
             return TortureFault(kind: .disk, nodes: [node.id], leader: leader, start: start, end: now(),
-                                detail: String(format: "filled (%d MiB) for %.2f s with %d ballast writes of 256 KiB; the node reported a full disk %d time(s)",
+                                detail: String(format: "filled (%d MiB) for %.2f s with %d ballast writes of 256 KiB; the node logged %d full-disk warning(s)",
                                                filled >> 20, held, ballast, met))
         }
     }
@@ -501,9 +512,7 @@ public final class TortureRun: @unchecked Sendable {
         for node in cluster.nodes {
             cluster.free(node)
             if node.paused { cluster.resume(node) }
-            if !node.isRunning {
-                do { try cluster.startProcess(node) } catch { say("cannot restart node \(node.id): \(error)") }
-            }
+            if !node.isRunning, !restart(node) { say("node \(node.id) does not start again (see \(node.logPath))") }
         }
         var problem: [String] = []
         if !cluster.waitUntilHealthy(seconds: 60) { problem.append("the cluster was not healthy 60 s after healing") }
@@ -518,6 +527,9 @@ public final class TortureRun: @unchecked Sendable {
             usleep(200_000)
         } while DispatchTime.now().uptimeNanoseconds < deadline
         say("end state: " + states.enumerated().map { "node \($0.offset + 1) " + ($0.element.map { "applied \($0.appliedIndex) digest \($0.digest)" } ?? "no answer") }.joined(separator: "; "))
+        for node in cluster.nodes {
+            for line in cluster.stopReports(node) { problem.append("node \(node.id) stopped: \(line.suffix(300))") }
+        }
         let adds = finalReads(&problem)
         return TortureFinal(nodes: states.compactMap { $0 }, adds: adds, problem: problem.isEmpty ? nil : problem.joined(separator: "; "))
     }

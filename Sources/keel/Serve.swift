@@ -40,6 +40,7 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .customLong("node-id"), help: "This node's id in a cluster (default 1).") var nodeID: UInt64?
     @Option(name: .customLong("peer-port"), help: "Port for the other nodes (default 16379).") var peerPort: Int?
     @Option(help: "Every founding member as id=host:peerport, comma-separated (this node included).") var peers: String?
+    @Option(name: .customLong("peer-routes"), help: "Where to dial members instead of the addresses the cluster records, as id=host:port items (a proxy or a tunnel).") var peerRoutes: String?
     @Option(name: .customLong("cluster-token"), help: "A secret every peer presents (default \"keel\").") var clusterToken: String?
     @Option(help: "Join a running cluster through a member's client address (HOST:PORT): it adds this node as a learner, promoted once caught up.") var join: String?
 
@@ -77,23 +78,15 @@ struct Serve: AsyncParsableCommand {
         settings.peerPort = try number(peerPort, "peer-port") ?? settings.peerPort
         settings.clusterToken = value(clusterToken, "cluster-token") ?? settings.clusterToken
         let joinTarget = value(join, "join")
+        if let list = value(peerRoutes, "peer-routes") { settings.peerRoutes = try Self.parsePeers(list, flag: "--peer-routes") }
         if let list = value(peers, "peers") {
-            for item in list.split(separator: ",") {
-                let parts = item.split(separator: "=", maxSplits: 1)
-                guard parts.count == 2, let id = UInt64(parts[0]), id > 0, let colon = parts[1].lastIndex(of: ":"),
-                      let port = Int(parts[1][parts[1].index(after: colon)...]), (1...65535).contains(port) else {
-                    throw ValidationError("--peers takes id=host:port items, comma-separated (got \(item))")
-                }
-                settings.peers[NodeID(id)] = PeerAddress(host: String(parts[1][..<colon]), port: port)
-            }
+            settings.peers = try Self.parsePeers(list, flag: "--peers")
             if let own = settings.peers[settings.nodeID], peerPort == nil, file["peer-port"] == nil { settings.peerPort = own.port }
         }
         if let joinTarget {
             let own = PeerAddress(host: settings.bind, port: settings.peerPort)
             do {
-                // Addresses given with --peers win over the cluster's (as they do over the log's).
                 settings.peers = try joinCluster(target: joinTarget, node: settings.nodeID, peerAddress: own)
-                    .merging(settings.peers) { _, configured in configured }
             } catch {
                 FileHandle.standardError.write(Data("keel serve: cannot join through \(joinTarget): \(error)\n".utf8))
                 throw ExitCode(1)
@@ -126,6 +119,20 @@ struct Serve: AsyncParsableCommand {
         }
         await server.shutdown()
         logger.notice("keel serve: stopped")
+    }
+
+    /// "1=host:port,2=host:port" as addresses by node id.
+    static func parsePeers(_ list: String, flag: String) throws -> [NodeID: PeerAddress] {
+        var table: [NodeID: PeerAddress] = [:]
+        for item in list.split(separator: ",") {
+            let parts = item.split(separator: "=", maxSplits: 1)
+            guard parts.count == 2, let id = UInt64(parts[0]), id > 0, let colon = parts[1].lastIndex(of: ":"),
+                  let port = Int(parts[1][parts[1].index(after: colon)...]), (1...65535).contains(port) else {
+                throw ValidationError("\(flag) takes id=host:port items, comma-separated (got \(item))")
+            }
+            table[NodeID(id)] = PeerAddress(host: String(parts[1][..<colon]), port: port)
+        }
+        return table
     }
 
     nonisolated(unsafe) static var signalSources: [any DispatchSourceSignal] = []

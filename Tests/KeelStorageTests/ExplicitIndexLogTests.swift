@@ -313,4 +313,31 @@ struct RestartAfterSnapshotTests {
         #expect(try ExplicitIndexLogTests.contents(log) == ExplicitIndexLogTests.entries(501...510, term: 3))
         #expect(log.hardState == [7])
     }
+
+    @Test("restart(after:) on a full disk: the new segment is made without its preallocation, and the log goes on (it stopped for good before)")
+    func restartOnFullDisk() async throws {
+        let fs = SimulatedFileSystem(seed: 46)
+        var (directory, log, _) = try ExplicitIndexLogTests.open(fs)
+        try await ExplicitIndexLogTests.write(log, ExplicitIndexLogTests.entries(1...100, term: 1), hardState: [7])
+        _ = try CheckpointStore(directory: directory.checkpointsPath, fileSystem: fs)
+            .write(EmptyCheckpoint(), metadata: CheckpointMetadata(index: LogIndex(500), term: Term(3), wallTimeMilliseconds: 0))
+        // The space the old segments free is taken before the new one is preallocated.
+        fs.failNextAllocations(1)
+        let done: Result<LogIndex, StorageError> = await withCheckedContinuation { continuation in
+            do throws(StorageError) { try log.restart(after: LogIndex(500)) { continuation.resume(returning: $0) } } catch {
+                continuation.resume(returning: .failure(error))
+            }
+        }
+        _ = try done.get()
+        try await ExplicitIndexLogTests.write(log, ExplicitIndexLogTests.entries(501...510, term: 3))
+        log.close()
+        directory.unlock()
+        (directory, log, _) = try ExplicitIndexLogTests.open(fs)
+        defer {
+            log.close()
+            directory.unlock()
+        }
+        #expect(try ExplicitIndexLogTests.contents(log) == ExplicitIndexLogTests.entries(501...510, term: 3))
+        #expect(log.hardState == [7])
+    }
 }

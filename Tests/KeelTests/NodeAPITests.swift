@@ -62,6 +62,31 @@ struct NodeAPITests {
         return configuration
     }
 
+    @Test("routes win over the members' addresses: a node dials its peers through the proxies its routes name")
+    func routesWin() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let base = NSTemporaryDirectory() + "keel-routes-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        let ports = try await freePorts(3, group: group)
+        let members = Dictionary(uniqueKeysWithValues: (1...3).map { (NodeID(UInt64($0)), address(ports[$0 - 1])) })
+        let proxies = [CuttableProxy(target: ports[1], group: group), CuttableProxy(target: ports[2], group: group)]
+        for proxy in proxies { try await proxy.start() }
+        var nodes: [KeelNode<TestMachine>] = []
+        for id in 1...3 {
+            var configuration = settings(UInt64(id), base, members: members)
+            if id == 1 { configuration.routes = [NodeID(2): address(proxies[0].port), NodeID(3): address(proxies[1].port)] }
+            nodes.append(try await KeelNode.start(configuration: configuration, machine: TestMachine(), group: group, logger: silentLogger))
+        }
+        _ = try await commit("set routed 1", via: nodes)
+        let dialed = await eventually(seconds: 10) { proxies.allSatisfy { $0.accepted > 0 } }
+        #expect(dialed, "node 1 reached nodes 2 and 3 through its routes")
+        // The status still shows the addresses the cluster records.
+        #expect(try await nodes[0].status().members.first { $0.id == NodeID(2) }?.address == address(ports[1]))
+        for node in nodes { await node.shutdown() }
+        for proxy in proxies { await proxy.stop() }
+        try await group.shutdownGracefully()
+    }
+
     @Test("a checkpoint is taken once the log has grown by snapshotLogBytes, however few the entries")
     func checkpointByLogBytes() async throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)

@@ -142,7 +142,7 @@ final class CuttableProxy: @unchecked Sendable {
     let target: Int
     private let group: any EventLoopGroup
     private var server: (any Channel)?
-    private let state = NIOLockedValueBox((cut: false, channels: [any Channel]()))
+    private let state = NIOLockedValueBox((cut: false, channels: [any Channel](), accepted: 0))
     private(set) var port = 0
 
     init(target: Int, group: any EventLoopGroup) {
@@ -159,7 +159,10 @@ final class CuttableProxy: @unchecked Sendable {
                 return ClientBootstrap(group: inbound.eventLoop)
                     .connect(host: "127.0.0.1", port: self.target)
                     .flatMap { outbound in
-                        self.state.withLockedValue { $0.channels += [inbound, outbound] }
+                        self.state.withLockedValue {
+                            $0.channels += [inbound, outbound]
+                            $0.accepted += 1
+                        }
                         return inbound.pipeline.addHandler(Forwarder(peer: outbound)).flatMap {
                             outbound.pipeline.addHandler(Forwarder(peer: inbound))
                         }.map {
@@ -183,6 +186,9 @@ final class CuttableProxy: @unchecked Sendable {
     }
 
     func restore() { state.withLockedValue { $0.cut = false } }
+
+    /// Connections forwarded so far.
+    var accepted: Int { state.withLockedValue { $0.accepted } }
 
     func stop() async {
         cut()

@@ -109,6 +109,16 @@ struct TortureCheckerTests {
         #expect(missing.exitCode == 1)
     }
 
+    @Test("an answer a command never gives is reported")
+    func unexpectedReply() {
+        var operations = Self.clean
+        operations.append(Self.op(11, client: 1, .write, value: 2, 45, nil, .unknown))
+        operations[11].error = "unexpected reply integer(7)"
+        let report = TortureChecker.check(Self.history(operations, adds: ["a:0:1"]))
+        #expect(report.unexpectedReplies.count == 1)
+        #expect(!report.passed)
+    }
+
     @Test("a compare-and-set that claims success against another value is a violation")
     func wrongCompareAndSet() {
         var operations = Self.clean

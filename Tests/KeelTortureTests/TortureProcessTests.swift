@@ -62,7 +62,7 @@ struct TortureProcessTests {
         // …and took effect: each wiped node came back a voter and caught up; a filled disk was met.
         for fault in history.faults where fault.kind == .wipe { #expect(fault.detail.contains("a voter again and caught up"), "\(fault.detail)") }
         if root {
-            #expect(history.faults.contains { $0.kind == .disk && !$0.detail.contains("full disk 0 time") }, "\(history.faults.filter { $0.kind == .disk })")
+            #expect(history.faults.contains { $0.kind == .disk && !$0.detail.contains("logged 0 full-disk") }, "\(history.faults.filter { $0.kind == .disk })")
         }
         // Load ran and was recorded, and all three nodes reported one state at the end.
         let succeeded = history.operations.filter { $0.outcome == .ok && $0.client >= 0 }
