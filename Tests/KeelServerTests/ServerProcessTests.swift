@@ -402,3 +402,20 @@ extension Process {
         return process.terminationStatus
     }
 }
+
+extension ServerProcessTests {
+    @Test("bad values for --log-segment-bytes, --peer-routes and keel torture's flags are refused with a clear error")
+    func badFlags() async throws {
+        let keel = products() + "/keel"
+        let directory = temporaryDirectory("flags")
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let small = await runTool(keel, ["serve", "--port", String(freePort()), "--data-dir", directory, "--log-segment-bytes", "4096"])
+        #expect(small.status != 0 && small.output.contains("--log-segment-bytes must be in 1048576...1073741824"), "\(small.output)")
+        let routes = await runTool(keel, ["serve", "--port", String(freePort()), "--data-dir", directory, "--peer-routes", "2=nowhere"])
+        #expect(routes.status != 0 && routes.output.contains("--peer-routes takes id=host:port items"), "\(routes.output)")
+        let nodes = await runTool(keel, ["torture", "--nodes", "2", "--work-dir", directory + "/torture"])
+        #expect(nodes.status == 2 && nodes.output.contains("--nodes takes 1, 3 or 5"), "\(nodes.output)")
+        let kind = await runTool(keel, ["torture", "--faults", "kill,flood"])
+        #expect(kind.status != 0 && kind.output.contains("unknown fault kind flood"), "\(kind.output)")
+    }
+}
