@@ -290,6 +290,23 @@ struct ReadTests {
         #expect(cluster[2].readStates.first!.index >= LogIndex(1))
     }
 
+    @Test("§6.4: a follower drops a read request another node relayed to it (the answer could not go back), and relays its own")
+    func relayedReadDropped() {
+        let cluster = TestCluster(3)
+        cluster.elect(1)
+        cluster.stabilize()
+        // Node 3 took node 2 for the leader: node 2 must not pass the request on as node 3's
+        // (a peer accepts only messages from the node it is connected to).
+        var request = Message(kind: .readIndex, from: NodeID(3), to: NodeID(2), term: .zero)
+        request.context = bytes("from three")
+        cluster[2].raft.step(request)
+        cluster.process(NodeID(2))
+        #expect(!cluster.outbox.contains { $0.kind == .readIndex }, "nothing relayed")
+        try? cluster[2].raft.readIndex(context: bytes("own"))
+        cluster.process(NodeID(2))
+        #expect(cluster.outbox.contains { $0.kind == .readIndex && $0.from == NodeID(2) && $0.to == NodeID(1) }, "its own request goes to the leader")
+    }
+
     @Test("§6.4: a leader cut off from the majority never answers a read index")
     func deposedLeaderCannotRead() {
         let cluster = TestCluster(3)
