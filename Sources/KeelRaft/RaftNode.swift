@@ -948,6 +948,12 @@ public final class RaftNode {
             // (peers accept only messages from the node they are connected to). The asker learns
             // the leader from its next heartbeat and fails its waiting reads then.
             if message.kind == .readIndex, message.from != id { return }
+            // A proposal another node relayed here is dropped too (its caller's outcome is unknown,
+            // as for any proposal that times out). Passed on, a stale one — queued in a link while
+            // its target was down, delivered to the target's next incarnation — commits long after
+            // its caller gave up: found by `keel torture`, a REMOVE retried elsewhere removed the
+            // member that had since joined again under the same id.
+            if message.kind == .propose, message.from != id { return }
             var forwarded = message
             forwarded.from = id
             forwarded.to = leader

@@ -307,6 +307,21 @@ struct ReadTests {
         #expect(cluster.outbox.contains { $0.kind == .readIndex && $0.from == NodeID(2) && $0.to == NodeID(1) }, "its own request goes to the leader")
     }
 
+    @Test("§8: a follower drops a proposal another node relayed to it (a stale one would commit long after its caller gave up), and relays its own")
+    func relayedProposalDropped() {
+        let cluster = TestCluster(3)
+        cluster.elect(1)
+        cluster.stabilize()
+        var relayed = Message(kind: .propose, from: NodeID(3), to: NodeID(2), term: .zero)
+        relayed.entries = [Entry(index: .zero, term: .zero, kind: .normal, data: bytes("stale"))]
+        cluster[2].raft.step(relayed)
+        cluster.stabilize()
+        #expect(!cluster[1].applied.contains { $0.data == bytes("stale") }, "the relayed proposal was not committed")
+        try? cluster[2].raft.propose(bytes("own"))
+        cluster.stabilize()
+        #expect(cluster[1].applied.contains { $0.data == bytes("own") }, "its own proposal is")
+    }
+
     @Test("§6.4: a leader cut off from the majority never answers a read index")
     func deposedLeaderCannotRead() {
         let cluster = TestCluster(3)
