@@ -288,19 +288,29 @@ struct ExplicitIndexLogTests {
 
 @Suite("Write-ahead log restart after a snapshot")
 struct RestartAfterSnapshotTests {
-    @Test("restart(after:) drops every entry and continues after the snapshot's index, keeping the hard state")
-    func restartAfterSnapshot() async throws {
-        let fs = SimulatedFileSystem(seed: 45)
-        var (directory, log, _) = try ExplicitIndexLogTests.open(fs)
+    /// Entries 1...100 (hard state [7]), then a checkpoint at index 500.
+    static func writeAndCheckpoint(_ log: WriteAheadLog, _ directory: DataDirectory, _ fs: SimulatedFileSystem) async throws {
         try await ExplicitIndexLogTests.write(log, ExplicitIndexLogTests.entries(1...100, term: 1), hardState: [7])
         _ = try CheckpointStore(directory: directory.checkpointsPath, fileSystem: fs)
             .write(EmptyCheckpoint(), metadata: CheckpointMetadata(index: LogIndex(500), term: Term(3), wallTimeMilliseconds: 0))
+    }
+
+    /// `restart(after:)`, waited for.
+    static func restart(_ log: WriteAheadLog, after index: LogIndex) async throws {
         let done: Result<LogIndex, StorageError> = await withCheckedContinuation { continuation in
-            do throws(StorageError) { try log.restart(after: LogIndex(500)) { continuation.resume(returning: $0) } } catch {
+            do throws(StorageError) { try log.restart(after: index) { continuation.resume(returning: $0) } } catch {
                 continuation.resume(returning: .failure(error))
             }
         }
         _ = try done.get()
+    }
+
+    @Test("restart(after:) drops every entry and continues after the snapshot's index, keeping the hard state")
+    func restartAfterSnapshot() async throws {
+        let fs = SimulatedFileSystem(seed: 45)
+        var (directory, log, _) = try ExplicitIndexLogTests.open(fs)
+        try await Self.writeAndCheckpoint(log, directory, fs)
+        try await Self.restart(log, after: LogIndex(500))
         try await ExplicitIndexLogTests.write(log, ExplicitIndexLogTests.entries(501...510, term: 3))
         #expect(log.firstIndex == LogIndex(501) && log.lastIndex == LogIndex(510))
         log.close()
@@ -318,17 +328,10 @@ struct RestartAfterSnapshotTests {
     func restartOnFullDisk() async throws {
         let fs = SimulatedFileSystem(seed: 46)
         var (directory, log, _) = try ExplicitIndexLogTests.open(fs)
-        try await ExplicitIndexLogTests.write(log, ExplicitIndexLogTests.entries(1...100, term: 1), hardState: [7])
-        _ = try CheckpointStore(directory: directory.checkpointsPath, fileSystem: fs)
-            .write(EmptyCheckpoint(), metadata: CheckpointMetadata(index: LogIndex(500), term: Term(3), wallTimeMilliseconds: 0))
+        try await Self.writeAndCheckpoint(log, directory, fs)
         // The space the old segments free is taken before the new one is preallocated.
         fs.failNextAllocations(1)
-        let done: Result<LogIndex, StorageError> = await withCheckedContinuation { continuation in
-            do throws(StorageError) { try log.restart(after: LogIndex(500)) { continuation.resume(returning: $0) } } catch {
-                continuation.resume(returning: .failure(error))
-            }
-        }
-        _ = try done.get()
+        try await Self.restart(log, after: LogIndex(500))
         try await ExplicitIndexLogTests.write(log, ExplicitIndexLogTests.entries(501...510, term: 3))
         log.close()
         directory.unlock()
