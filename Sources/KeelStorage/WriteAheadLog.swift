@@ -41,8 +41,9 @@ public struct LogOptions: Sendable, Equatable {
     public var limits = Limits()
     /// Whether the next segment is zero-filled on a background thread ahead of the rotation that
     /// needs it (and a new log's first segment zero-filled when it is created). nil, the default:
-    /// when the file system's zero-fill writes blocks for real (POSIX yes; the simulated file
-    /// system no, so it stays deterministic).
+    /// with fsync `always` (what it speeds up: a sync after every write) when the file system's
+    /// zero-fill writes blocks for real (POSIX yes; the simulated file system no, so it stays
+    /// deterministic). With `everysec` and `never` it would only double the bytes written.
     public var prepareSegments: Bool?
 
     public init(fsyncPolicy: FsyncPolicy = .always, segmentSize: Int = 64 * 1024 * 1024, limits: Limits = Limits()) {
@@ -212,7 +213,7 @@ public final class WriteAheadLog: @unchecked Sendable {
             } else {
                 // A new log's first segment is zero-filled here (later ones are prepared ahead).
                 segments.append(try Self.createSegment(directory: directory, firstIndex: nextIndex, fileSystem: fileSystem, size: options.segmentSize,
-                                                       zeroFill: options.prepareSegments ?? fileSystem.zeroFillWritesBlocks))
+                                                       zeroFill: Self.preparesSegments(options, fileSystem)))
             }
         } catch {
             for segment in segments { fileSystem.close(segment.handle) }
@@ -254,7 +255,11 @@ public final class WriteAheadLog: @unchecked Sendable {
     /// Whether the next segment is prepared (for tests).
     var nextSegmentIsPrepared: Bool { preparation.withLock { if case .ready = $0 { true } else { false } } }
 
-    private var preparesSegments: Bool { options.prepareSegments ?? fileSystem.zeroFillWritesBlocks }
+    private var preparesSegments: Bool { Self.preparesSegments(options, fileSystem) }
+
+    private static func preparesSegments(_ options: LogOptions, _ fileSystem: any FileSystem) -> Bool {
+        options.prepareSegments ?? (options.fsyncPolicy == .always && fileSystem.zeroFillWritesBlocks)
+    }
 
     private func prepareNextSegment() {
         guard preparesSegments else { return }
