@@ -126,8 +126,59 @@ public struct RESPRequestDecoder: ByteToMessageDecoder {
     mutating func parse(_ buffer: inout ByteBuffer) -> Outcome {
         if inMultibulk { return continueMultibulk(&buffer) }
         guard let first = buffer.getInteger(at: buffer.readerIndex, as: UInt8.self) else { return .needMoreData }
-        if first == UInt8(ascii: "*") { return parseMultibulk(&buffer) }
+        if first == UInt8(ascii: "*") {
+            // A fresh request already whole in the buffer (what pipelining clients send): one pass
+            // over the bytes. Anything else takes the general path below.
+            if lineScanned == 0, !limited, let arguments = wholeMultibulk(&buffer) { return .request(arguments) }
+            return parseMultibulk(&buffer)
+        }
         return parseInline(&buffer)
+    }
+
+    /// The multibulk request at the reader index if all of it has arrived and it is plainly well
+    /// formed ("\r\n" line ends, lengths in digits within the limits, at least one element);
+    /// nil, having consumed nothing, otherwise (the general path then answers exactly as before).
+    /// Reads each byte at most once, so a failed attempt costs no more than the bytes present;
+    /// the general path then consumes the header, so the attempt is not repeated for the request.
+    private func wholeMultibulk(_ buffer: inout ByteBuffer) -> [[UInt8]]? {
+        let bulkMax = limits.bulkLengthMax
+        let countMax = limits.multibulkLengthMax
+        let result = buffer.withUnsafeReadableBytes { bytes -> (arguments: [[UInt8]], consumed: Int)? in
+            let end = bytes.count
+            var at = 1
+            /// Digits up to "\r\n" at `at` (at most 18: no overflow), then past the line end.
+            func number() -> Int? {
+                var value = 0
+                let start = at
+                while at < end, at - start <= 18 {
+                    let byte = bytes[at]
+                    if byte == UInt8(ascii: "\r") {
+                        guard at > start, at + 1 < end, bytes[at + 1] == UInt8(ascii: "\n") else { return nil }
+                        at += 2
+                        return value
+                    }
+                    guard byte >= UInt8(ascii: "0"), byte <= UInt8(ascii: "9"), at - start < 18 else { return nil }
+                    value = value * 10 + Int(byte - UInt8(ascii: "0"))
+                    at += 1
+                }
+                return nil
+            }
+            guard let count = number(), count > 0, count <= countMax else { return nil }
+            var arguments: [[UInt8]] = []
+            arguments.reserveCapacity(min(count, 1024))
+            for _ in 0..<count {
+                guard at < end, bytes[at] == UInt8(ascii: "$") else { return nil }
+                at += 1
+                guard let length = number(), length <= bulkMax, end - at >= length + 2,
+                      bytes[at + length] == UInt8(ascii: "\r"), bytes[at + length + 1] == UInt8(ascii: "\n") else { return nil }
+                arguments.append(Array(UnsafeRawBufferPointer(rebasing: bytes[at..<(at + length)])))
+                at += length + 2
+            }
+            return (arguments, at)
+        }
+        guard let result else { return nil }
+        buffer.moveReaderIndex(forwardBy: result.consumed)
+        return result.arguments
     }
 
     /// The index of the "\r\n" (or "\n") ending the line at `start`, and the line's length.

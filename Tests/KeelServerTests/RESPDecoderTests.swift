@@ -28,6 +28,48 @@ struct RESPDecoderTests {
         #expect(try decode(bytes.map { [$0] }) == whole)
     }
 
+    @Test("whole requests (the one-pass path) decode exactly as the same bytes fed one at a time (the general path), malformed ones included")
+    func onePassMatchesGeneral() throws {
+        let valid = Array("*3\r\n$3\r\nSET\r\n$3\r\nkey\r\n$5\r\nvalue\r\n*2\r\n$3\r\nGET\r\n$3\r\nkey\r\n*1\r\n$4\r\nPING\r\n".utf8)
+        var cases: [[UInt8]] = [
+            valid,
+            Array("*1\n$4\nPING\n".utf8), // LF-only line ends
+            Array("*1\r\n$4\r\nPINGxx*1\r\n$4\r\nPING\r\n".utf8), // no CRLF after the data: skipped, as Redis does
+            Array("*0\r\n*-1\r\n*1\r\n$4\r\nPING\r\n".utf8),
+            Array("*1\r\n$-0\r\n\r\n".utf8), Array("*1\r\n$-1\r\n".utf8), Array("*1\r\n$+4\r\nPING\r\n".utf8),
+            Array("*1\r\n$9999999999999999999\r\nx\r\n".utf8), Array("*99999999999999999999\r\n".utf8),
+            Array("*1\r\n$0000000000000000004\r\nPING\r\n".utf8), Array("*2\r\n:4\r\nPING\r\n".utf8),
+            Array("*1\r\n$5\r\nabc".utf8), Array("*\r\n".utf8), Array("*1\r\n$\r\n\r\n".utf8),
+        ]
+        // Seeded corruptions of the valid stream: a byte changed, dropped or doubled.
+        var state: UInt64 = 0x5EED
+        func next(_ bound: Int) -> Int {
+            state = state &* 6364136223846793005 &+ 1442695040888963407
+            return Int((state >> 33) % UInt64(bound))
+        }
+        let alphabet = Array("*$\r\n-0123456789x".utf8)
+        for _ in 0..<300 {
+            var bytes = valid
+            let at = next(bytes.count)
+            switch next(3) {
+            case 0: bytes[at] = alphabet[next(alphabet.count)]
+            case 1: bytes.remove(at: at)
+            default: bytes.insert(bytes[at], at: at)
+            }
+            cases.append(bytes)
+        }
+        var shortBulks = RESPLimits()
+        shortBulks.bulkLengthMax = 4
+        var fewElements = RESPLimits()
+        fewElements.multibulkLengthMax = 2
+        for limits in [RESPLimits(), shortBulks, fewElements] {
+            for bytes in cases {
+                #expect(try decode([bytes], limits: limits) == decode(bytes.map { [$0] }, limits: limits), "\(String(decoding: bytes, as: UTF8.self).debugDescription)")
+            }
+        }
+        #expect(try decode([Array("*1\r\n$9999999999999999999\r\nx\r\n".utf8)]) == [.protocolError("ERR Protocol error: invalid bulk length")])
+    }
+
     @Test("a large request arriving in many packets is answered once, and over the query buffer limit it is refused")
     func largeRequestInPieces() throws {
         var request = Array("*1001\r\n$4\r\nMSET\r\n".utf8)
