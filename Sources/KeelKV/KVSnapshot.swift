@@ -2,6 +2,9 @@
 // replicas with the same state write the same bytes). Format: docs/formats/kv.md.
 
 import Collections
+#if canImport(Glibc)
+import Glibc
+#endif
 import KeelCore
 import KeelStorage
 
@@ -20,9 +23,9 @@ public struct KVSnapshot: CheckpointSource {
         for (number, database) in databases.enumerated() {
             writer.write(UInt8(number))
             writer.write(UInt64(database.keys.count))
-            let keys = database.keys.keys.sorted { $0.lexicographicallyPrecedes($1) }
-            for key in keys {
-                let value = database.keys[key]!
+            // The pairs themselves are sorted (not the keys, then looked up again): the checkpoint
+            // is written sooner, and the loop's writes copy the tree's shared nodes for less time.
+            for (key, value) in database.keys.sorted(by: { bytesPrecede($0.key, $1.key) }) {
                 writer.writeLengthPrefixed(key)
                 writer.writeLengthPrefixed(value.bytes)
                 writer.write(UInt64(bitPattern: value.expiresAt))
@@ -35,6 +38,13 @@ public struct KVSnapshot: CheckpointSource {
         }
         try sink.write(writer.bytes)
     }
+}
+
+/// Byte order (as `lexicographicallyPrecedes`, by memcmp).
+func bytesPrecede(_ a: [UInt8], _ b: [UInt8]) -> Bool {
+    let common = min(a.count, b.count)
+    let order = a.withUnsafeBufferPointer { x in b.withUnsafeBufferPointer { y in common == 0 ? 0 : memcmp(x.baseAddress!, y.baseAddress!, common) } }
+    return order != 0 ? order < 0 : a.count < b.count
 }
 
 extension KVStore {

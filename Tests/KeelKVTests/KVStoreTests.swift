@@ -265,6 +265,31 @@ struct KVStoreTests {
         #expect(throws: (any Error).self) { try KVStore().restore(from: truncated) }
     }
 
+    @Test("a checkpoint lists each database's keys in byte order (shorter first on a common prefix), whatever the dictionary's order")
+    func checkpointKeyOrder() throws {
+        let keys: [[UInt8]] = [[0xff], [0x01], Array("a".utf8), Array("ab".utf8), Array("b".utf8), [], [0x80, 0x00], [0x7f, 0xff],
+                               Array("key10".utf8), Array("key9".utf8), Array("key1".utf8)]
+        let store = KVStore()
+        for key in keys.shuffled() {
+            _ = store.apply(KVEntry.command(database: 0, name: "set", arguments: [key, Array("v".utf8)]).encoded(now: 1))
+        }
+        var reader = ByteReader(try encode(store.snapshot()))
+        _ = try reader.readUInt8("version")
+        _ = try reader.readUInt64("now")
+        _ = try reader.readUInt64("revision")
+        _ = try reader.readUInt8("databases")
+        #expect(try reader.readUInt8("database") == 0)
+        #expect(try reader.readUInt64("count") == UInt64(keys.count))
+        var written: [[UInt8]] = []
+        for _ in keys {
+            written.append(Array(try reader.readLengthPrefixed(limit: 100, "key")))
+            _ = try reader.readLengthPrefixed(limit: 100, "value")
+            _ = try reader.readUInt64("expiry")
+            _ = try reader.readUInt64("revision")
+        }
+        #expect(written == keys.sorted { $0.lexicographicallyPrecedes($1) })
+    }
+
     @Test("malformed log entries answer an error and change nothing")
     func malformedEntries() {
         let h = Harness()
