@@ -581,18 +581,28 @@ public final class WriteAheadLog: @unchecked Sendable {
     /// - Returns: the names removed.
     @discardableResult
     public func removeSegments(through index: LogIndex) throws(StorageError) -> [String] {
-        let removed = try table.withLock { table throws(StorageError) -> [String] in
+        // Taken out of the table under its lock, removed after: unlinking a large file can take
+        // milliseconds, and the writer (publishing each write) and readers wait for this lock.
+        // Readers use a segment's handle only under the lock, so none holds these any more.
+        let detached = try table.withLock { table throws(StorageError) -> [Segment] in
             if table.isClosed { throw .closed }
-            var names: [String] = []
+            var detached: [Segment] = []
             while table.segments.count > 1, table.segments[0].lastIndex <= index {
-                let segment = table.segments[0]
-                do throws(FileSystemError) { try fileSystem.remove(joinPath(directory, segment.name)) } catch { throw .fileSystem(error) }
-                fileSystem.close(segment.handle)
-                table.segments.removeFirst()
-                names.append(segment.name)
+                detached.append(table.segments.removeFirst())
             }
-            return names
+            return detached
         }
+        // A file left behind by a failure here is what a crash at this point leaves: recovery
+        // skips segments the checkpoint covers.
+        var removed: [String] = []
+        var failure: FileSystemError?
+        for segment in detached {
+            fileSystem.close(segment.handle)
+            guard failure == nil else { continue }
+            do throws(FileSystemError) { try fileSystem.remove(joinPath(directory, segment.name)) } catch { failure = error; continue }
+            removed.append(segment.name)
+        }
+        if let failure { throw .fileSystem(failure) }
         if !removed.isEmpty {
             do { try fileSystem.synchronizeDirectory(directory) } catch { throw .fileSystem(error) }
         }
