@@ -56,6 +56,10 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     let storage: DurableRaftStorage
     let machine: Machine
     private var transport: PeerTransport!
+    /// Where the transport delivers messages: this node until it shuts down (a strong reference,
+    /// not a weak one: a weak reference gives an object a side table, and every retain and
+    /// release of it then takes the runtime's slow path; the node is retained on every request).
+    private let delivery = NIOLockedValueBox<KeelNode?>(nil)
     let logger: Logger
     private var persisting = false
     private var stopped: String?
@@ -164,15 +168,17 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         }
         let node = KeelNode(configuration: configuration, loop: group.next(), raft: raft, storage: storage, machine: machine,
                             addresses: addresses, logger: logger)
+        node.delivery.withLockedValue { $0 = node }
         node.transport = PeerTransport(
             configuration: PeerTransportConfiguration(node: configuration.node, listen: configuration.members[configuration.node]!,
                                                       clusterToken: configuration.clusterToken),
             peers: dialTable(addresses, configuration), group: group, logger: logger
-        ) { [weak node] message in
-            guard let node else { return }
+        ) { [delivery = node.delivery] message in
+            guard let node = delivery.withLockedValue({ $0 }) else { return }
             node.loop.execute { node.receive(message) }
         }
         do { try await node.transport.start() } catch {
+            node.delivery.withLockedValue { $0 = nil }
             storage.close()
             throw error
         }
@@ -392,6 +398,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         }.get()
         _ = waiting
         await transport.shutdown()
+        delivery.withLockedValue { $0 = nil }
         // Let a write or a snapshot in flight finish before the log closes, however long it takes:
         // closing the log under it would lose it.
         while (try? await loop.submit { self.persisting || self.snapshotting }.get()) ?? false {

@@ -58,7 +58,9 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
     private var busy = false
     private var closing = false
     private var output: ByteBuffer?
-    private weak var context: ChannelHandlerContext?
+    /// Held from channelActive until the handler is removed (not weak: a weak reference gives the
+    /// context a side table, and NIO retains and releases it many times per request).
+    private var context: ChannelHandlerContext?
     private var address = "?"
 
     init(server: KeelServer, authentication: AuthenticationLimits) {
@@ -89,6 +91,10 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
             closing = true
         }
         context.fireChannelActive()
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
     }
 
     func channelInactive(context: ChannelHandlerContext) {
