@@ -60,6 +60,19 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     /// not a weak one: a weak reference gives an object a side table, and every retain and
     /// release of it then takes the runtime's slow path; the node is retained on every request).
     private let delivery = NIOLockedValueBox<KeelNode?>(nil)
+    /// Held by the loop while it changes the state machine, and by `readDirectly` on other
+    /// threads while it reads it; guards the three fields below (written on the loop only).
+    private let machineLock = NIOLock()
+    /// This node is the only voter and leads, and serves: its applied state is linearizable once
+    /// it has applied everything it committed.
+    private var directReadsAllowed = false
+    /// A `process()` is due on the next turn of the loop (see `startProposal`).
+    private var processScheduled = false
+    /// The newest entry applied to the machine (it trails `appliedIndex` by the entry being applied).
+    private var directApplied = LogIndex.zero
+    /// The newest commit index anything outside the loop may have learned (set before a Ready's
+    /// messages go out: a learner applies and acknowledges entries only once it knows them committed).
+    private var directCommit = LogIndex.zero
     let logger: Logger
     private var persisting = false
     private var stopped: String?
@@ -294,6 +307,28 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         if mayStartInline { start() } else { loop.execute(start) }
     }
 
+    /// Runs `body` on the state machine at once, on the calling thread, when that is a
+    /// linearizable read: this node is the cluster's only voter, leads, and has applied every
+    /// entry it committed (so every write any node acknowledged is in the state, and no other
+    /// node can commit one). Otherwise nil: use `read`. A server's connections on other event
+    /// loops read this way without a hop to the node's loop.
+    ///
+    /// `body` runs under a lock the node's loop takes to apply each entry: keep it short, and do
+    /// not keep references to the state.
+    public func readDirectly<T>(_ body: (Machine) -> T) -> T? {
+        machineLock.withLock {
+            guard directReadsAllowed, directApplied >= directCommit else { return nil }
+            return body(machine)
+        }
+    }
+
+    /// Whether `readDirectly` may answer (on the loop, after anything that can change the role,
+    /// the membership or the node's state).
+    private func updateDirectReads() {
+        let allowed = raft.isSoleVoterLeader && refusal() == nil
+        if allowed != directReadsAllowed { machineLock.withLock { directReadsAllowed = allowed } }
+    }
+
     /// The event loop the node runs on.
     public var eventLoop: any EventLoop { loop }
 
@@ -393,6 +428,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     public func shutdown() async {
         let waiting: Void? = try? await loop.submit {
             self.closing = true
+            self.updateDirectReads()
             self.ticker?.cancel()
             self.failAll(NodeError.shuttingDown)
         }.get()
@@ -433,8 +469,17 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         proposalBuffer.append((CommandRecord.encode(tag(request), command: command), request))
         deadlines.append((NIODeadline.now() + .milliseconds(configuration.requestTimeoutMilliseconds), request))
         // Proposals that arrive while a write is in flight wait here and go to Raft together, as
-        // one batch (one AppendEntries per follower) when the next Ready is taken.
-        if !persisting { process() }
+        // one batch (one AppendEntries per follower) when the next Ready is taken. With no write
+        // in flight, the Ready is taken once this turn of the loop has read every connection
+        // (group commit: the other requests of the same turn share the write and its fsync,
+        // instead of waiting a whole write behind the first).
+        if !persisting, !processScheduled {
+            processScheduled = true
+            loop.execute {
+                self.processScheduled = false
+                self.process()
+            }
+        }
     }
 
     /// Hands the buffered proposals to Raft as one batch.
@@ -600,10 +645,15 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     private func process() {
         working += 1
         defer { working -= 1 }
+        // Every change to Raft's state (a step, a tick, a proposal, an advance) is followed by a
+        // call here, before anything it produced is sent.
+        updateDirectReads()
         guard !persisting, stopped == nil, !closing else { return }
         flushProposals()
         guard raft.hasReady else { return }
         let ready = raft.ready()
+        let commit = raft.commitIndex
+        if commit > directCommit { machineLock.withLock { directCommit = commit } }
         if let soft = ready.softState { noteSoftState(soft) }
         learnAddresses(from: ready.entries)
         // A leader's appends go out while they are written, unless this Ready changes the term
@@ -729,7 +779,10 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         if let installed, let snapshot = ready.snapshot {
             do {
                 let (known, machineState) = try NodeSnapshotDecoding.decode(installed)
-                try machine.restore(from: machineState)
+                try machineLock.withLock {
+                    try machine.restore(from: machineState)
+                    directApplied = snapshot.index
+                }
                 addresses = known.merging(configuration.members) { _, configured in configured }
                 transport.updatePeers(Self.dialTable(addresses, configuration))
                 appliedIndex = snapshot.index
@@ -778,6 +831,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
 
     private func stop(_ reason: String) {
         stopped = reason
+        updateDirectReads()
         logger.critical("node \(configuration.node) stops: \(reason)")
         ticker?.cancel()
         failAll(NodeError.storageFailed(reason))
@@ -882,6 +936,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         appliedIndex = entry.index
         switch entry.kind {
         case .configurationChange:
+            machineLock.withLock { directApplied = entry.index }
             guard let change = ConfigurationChange(decoding: entry.data) else { return }
             appliedMembership = appliedMembership.applying(change)
             let decoded = ChangeContext.decode(change.context)
@@ -906,8 +961,13 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
             }
             noteMembership(appliedMembership)
         case .normal:
-            guard let (tag, command) = CommandRecord.decode(entry.data) else { return }
-            let result = machine.apply(Array(command))
+            guard let (tag, command) = CommandRecord.decode(entry.data) else {
+                return machineLock.withLock { directApplied = entry.index }
+            }
+            let result = machineLock.withLock {
+                directApplied = entry.index
+                return machine.apply(Array(command))
+            }
             if tag.origin == configuration.node.rawValue, tag.run == run, let promise = writes.removeValue(forKey: tag.request) {
                 handedTo[tag.request] = nil
                 promise.succeed(result)
@@ -923,6 +983,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
             removed = false
         } else if wasMember, !removed {
             removed = true
+            updateDirectReads()
             logger.notice("node \(configuration.node) was removed from the cluster (\(membership))")
             failAll(NodeError.notMember)
         }

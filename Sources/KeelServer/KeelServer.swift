@@ -35,7 +35,10 @@ struct ServerStats {
 public final class KeelServer: @unchecked Sendable {
     // @unchecked Sendable: `stats`, `clients` behind locks; the rest set once.
     public let configuration: ServerConfiguration
+    /// The connections' loops (and the node's, with one thread).
     let group: MultiThreadedEventLoopGroup
+    /// The node's own loop, with more than one thread.
+    let nodeGroup: MultiThreadedEventLoopGroup?
     let node: KeelNode<KVStore>
     let logger: Logger
     let startedAt = Date()
@@ -50,9 +53,11 @@ public final class KeelServer: @unchecked Sendable {
     /// The address clients connect to (the port chosen when `port` was 0).
     public private(set) var localPort = 0
 
-    init(configuration: ServerConfiguration, group: MultiThreadedEventLoopGroup, node: KeelNode<KVStore>, logger: Logger) {
+    init(configuration: ServerConfiguration, group: MultiThreadedEventLoopGroup, nodeGroup: MultiThreadedEventLoopGroup?,
+         node: KeelNode<KVStore>, logger: Logger) {
         self.configuration = configuration
         self.group = group
+        self.nodeGroup = nodeGroup
         self.node = node
         self.logger = logger
         // As Redis: LASTSAVE starts at the start-up time.
@@ -62,15 +67,20 @@ public final class KeelServer: @unchecked Sendable {
     /// Recovers the data directory, starts the node and listens for clients.
     public static func start(configuration: ServerConfiguration, logger: Logger = Logger(label: "keel.serve")) async throws -> KeelServer {
         try configuration.validate()
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: configuration.ioThreads)
+        // With one thread, the node and every connection share its loop (nothing hops between
+        // threads). With more, the node has a loop of its own (Raft, the log's completions,
+        // applying) and the connections share the others (parsing, replies, direct reads).
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, configuration.ioThreads - 1))
+        let nodeGroup = configuration.ioThreads > 1 ? MultiThreadedEventLoopGroup(numberOfThreads: 1) : nil
         let node: KeelNode<KVStore>
         do {
-            node = try await KeelNode.start(configuration: configuration.nodeConfiguration(), machine: KVStore(), group: group, logger: logger)
+            node = try await KeelNode.start(configuration: configuration.nodeConfiguration(), machine: KVStore(), group: nodeGroup ?? group, logger: logger)
         } catch {
             try? await group.shutdownGracefully()
+            try? await nodeGroup?.shutdownGracefully()
             throw error
         }
-        let server = KeelServer(configuration: configuration, group: group, node: node, logger: logger)
+        let server = KeelServer(configuration: configuration, group: group, nodeGroup: nodeGroup, node: node, logger: logger)
         do {
             let channel = try await ServerBootstrap(group: group)
                 .serverChannelOption(.backlog, value: 511)
@@ -90,6 +100,7 @@ public final class KeelServer: @unchecked Sendable {
         } catch {
             await node.shutdown()
             try? await group.shutdownGracefully()
+            try? await nodeGroup?.shutdownGracefully()
             throw error
         }
         if configuration.httpPort > 0 {
@@ -101,6 +112,7 @@ public final class KeelServer: @unchecked Sendable {
                 try? await server.channel?.close()
                 await node.shutdown()
                 try? await group.shutdownGracefully()
+                try? await nodeGroup?.shutdownGracefully()
                 throw error
             }
         }
@@ -117,6 +129,7 @@ public final class KeelServer: @unchecked Sendable {
         // Requests in flight finish (or fail with shuttingDown) inside node.shutdown().
         await node.shutdown()
         try? await group.shutdownGracefully()
+        try? await nodeGroup?.shutdownGracefully()
     }
 
     /// Waits until the listening channel closes.

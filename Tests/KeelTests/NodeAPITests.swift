@@ -207,6 +207,31 @@ struct NodeAPITests {
         try await group.shutdownGracefully()
     }
 
+    @Test("direct reads: a sole voter answers on the caller's thread with every acknowledged write; members of a three-voter cluster and a stopped node never do")
+    func directReads() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+        let base = NSTemporaryDirectory() + "keel-direct-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        let single = try await start(1...1, base + "/single", members: try await freshMembers(1, group: group), group: group)[0]
+        for i in 0..<50 {
+            try await commit("set k\(i) v\(i)", via: [single])
+            // Acknowledged, so applied: once the node has applied all it committed it answers directly, with it.
+            var seen: String??
+            #expect(try await eventually { seen = single.readDirectly { $0.values["k\(i)"] }; return seen != nil })
+            #expect(seen == .some("v\(i)"))
+        }
+        await single.shutdown()
+        #expect(single.readDirectly { $0.values.count } == nil, "a node that shut down does not answer")
+
+        let nodes = try await start(1...3, base + "/three", members: try await freshMembers(3, group: group), group: group)
+        for i in 0..<20 {
+            try await commit("set k\(i) v\(i)", via: nodes)
+            for node in nodes { #expect(node.readDirectly { $0.values.count } == nil, "with three voters a read needs the read index") }
+        }
+        for node in nodes { await node.shutdown() }
+        try await group.shutdownGracefully()
+    }
+
     @Test("settings outside their range are refused with a clear error")
     func invalidSettings() async throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
