@@ -148,6 +148,7 @@ let package = Package(
             name: "KeelServerTests",
             dependencies: [
                 "KeelServer",
+                "KeelTorture",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
             ],

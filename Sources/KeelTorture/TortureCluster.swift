@@ -47,6 +47,13 @@ struct NodeRole {
 
 /// Starts and breaks the cluster. Used from the fault thread and the final phase only (one at a
 /// time); the client threads read `clientPorts` only.
+/// Loopback ports for servers a test starts: free at the moment, below the kernel's ephemeral
+/// range, so an outgoing connection made meanwhile (by anything on the machine) cannot take one
+/// between the choice and the server's bind.
+public enum LoopbackPorts {
+    public static func free(_ count: Int) throws -> [Int] { try TortureCluster.freePorts(count) }
+}
+
 final class TortureCluster: @unchecked Sendable {
     // @unchecked Sendable: the mutable node table is used by one thread at a time (the fault
     // thread during the run, the main thread before and after it); `clientPorts` never changes.

@@ -1,4 +1,5 @@
 import Foundation
+import KeelTorture
 import Testing
 
 /// The directory with the built executables.
@@ -16,18 +17,21 @@ func products() -> String {
 let checks = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("python/redis_client_checks.py").path
 
 /// A free TCP port on 127.0.0.1.
+/// A free loopback port below the ephemeral range (the torture test's proxies, running beside
+/// these tests, make many outgoing connections: one could take an ephemeral port between its
+/// choice and the server's bind).
+/// Never the same port twice in one test run.
 func freePort() -> Int {
-    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-    defer { close(fd) }
-    var address = sockaddr_in()
-    address.sin_family = sa_family_t(AF_INET)
-    address.sin_addr.s_addr = inet_addr("127.0.0.1")
-    address.sin_port = 0
-    _ = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
-    var length = socklen_t(MemoryLayout<sockaddr_in>.size)
-    _ = withUnsafeMutablePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) } }
-    return Int(UInt16(bigEndian: address.sin_port))
+    handedOutLock.lock()
+    defer { handedOutLock.unlock() }
+    while true {
+        guard let port = try? LoopbackPorts.free(1).first else { fatalError("no free loopback port") }
+        if handedOut.insert(port).inserted { return port }
+    }
 }
+
+nonisolated(unsafe) private var handedOut: Set<Int> = []
+private let handedOutLock = NSLock()
 
 /// Runs a program to completion (off the test's thread pool) and returns its status and output.
 func runTool(_ path: String, _ arguments: [String], timeout: Double = 120) async -> (status: Int32, output: String) {
