@@ -30,7 +30,7 @@ enum CommandKind { case read, write }
 
 final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
     // @unchecked Sendable: every field is touched only on the channel's event loop.
-    typealias InboundIn = RESPRequest
+    typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
     let server: KeelServer
@@ -63,9 +63,17 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
     private var context: ChannelHandlerContext?
     private var address = "?"
 
+    /// Decodes the bytes as they arrive, here rather than in a handler of its own: no pipeline
+    /// step per request.
+    private var decoder: RESPRequestDecoder
+    /// Bytes received and not yet decoded (the start of a request that continues in a later read).
+    private var unread: ByteBuffer?
+
     init(server: KeelServer, authentication: AuthenticationLimits) {
         self.server = server
         self.authentication = authentication
+        decoder = RESPRequestDecoder(limits: server.configuration.limits, authentication: authentication,
+                                     password: server.configuration.requirePassword)
         id = server.newClientID()
         authenticated = server.configuration.requirePassword == nil
         authentication.limited = !authenticated
@@ -101,12 +109,25 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
         server.clients.withLockedValue { $0[id] = nil }
         closing = true
         pending.removeAll()
+        unread = nil
         context.fireChannelInactive()
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard !closing else { return }
-        pending.append(unwrapInboundIn(data))
+        var incoming = unwrapInboundIn(data)
+        if unread == nil {
+            unread = incoming
+        } else {
+            unread!.writeBuffer(&incoming)
+        }
+        while let request = decoder.next(&unread!) { pending.append(request) }
+        if unread!.readableBytes == 0 {
+            unread = nil
+        } else if unread!.readerIndex >= 1 << 20 {
+            // Elements of a large request already taken: give their bytes back.
+            unread!.discardReadBytes()
+        }
         if pending.count >= Self.pendingMax, !paused {
             // Backpressure: parsed requests waiting behind a slow one are bounded; stop reading
             // the socket until they drain (the kernel's buffers then push back on the client).
@@ -440,9 +461,10 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
     private func nextKeyValue(now: Int64) -> (name: String, arguments: [[UInt8]], command: KVCommand)? {
         guard let next = pending.first, case .command(let arguments) = next, transaction == nil else { return nil }
         let name = String(decoding: arguments[0], as: UTF8.self).lowercased()
-        guard authenticated, kvCommandArity[name] != nil,
-              let command = try? KVCommand.parse(name, Array(arguments.dropFirst()), now: now) else { return nil }
-        return (name, Array(arguments.dropFirst()), command)
+        guard authenticated, kvCommandArity[name] != nil else { return nil }
+        let rest = Array(arguments.dropFirst())
+        guard let command = try? KVCommand.parse(name, rest, now: now) else { return nil }
+        return (name, rest, command)
     }
 
     func unknownCommand(_ name: String, _ arguments: [[UInt8]]) -> String {

@@ -89,8 +89,6 @@ public final class KeelServer: @unchecked Sendable {
                 .childChannelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
                         let authentication = AuthenticationLimits(limited: configuration.requirePassword != nil)
-                        try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(RESPRequestDecoder(
-                            limits: configuration.limits, authentication: authentication, password: configuration.requirePassword)))
                         try channel.pipeline.syncOperations.addHandler(RESPConnection(server: server, authentication: authentication))
                     }
                 }

@@ -82,26 +82,30 @@ public struct RESPRequestDecoder: ByteToMessageDecoder {
         }
     }
 
-    public mutating func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
-        guard !failed else {
-            buffer.moveReaderIndex(to: buffer.writerIndex)
-            return .needMoreData
-        }
-        switch parse(&buffer) {
-        case .needMoreData:
-            if buffer.readableBytes + partialBytes > limits.queryBufferMax {
-                fail(context, "ERR Protocol error: query buffer exceeds the limit", &buffer)
-                return .continue
+    /// The next request from the front of `buffer` (consumed), or nil when more bytes are
+    /// needed. A protocol error is returned once; everything after it is dropped.
+    public mutating func next(_ buffer: inout ByteBuffer) -> RESPRequest? {
+        while !failed {
+            switch parse(&buffer) {
+            case .needMoreData:
+                guard buffer.readableBytes + partialBytes > limits.queryBufferMax else { return nil }
+                return fail("ERR Protocol error: query buffer exceeds the limit", &buffer)
+            case .request(let arguments):
+                if limited, authenticates(arguments) { authentication?.limited = false }
+                if !arguments.isEmpty { return .command(arguments) }
+                // An empty multibulk ("*0"), as Redis: nothing to answer.
+            case .error(let message):
+                return fail(message, &buffer)
             }
-            return .needMoreData
-        case .request(let arguments):
-            if limited, authenticates(arguments) { authentication?.limited = false }
-            if !arguments.isEmpty { context.fireChannelRead(wrapInboundOut(.command(arguments))) }
-            return .continue
-        case .error(let message):
-            fail(context, message, &buffer)
-            return .continue
         }
+        buffer.moveReaderIndex(to: buffer.writerIndex)
+        return nil
+    }
+
+    public mutating func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
+        guard let request = next(&buffer) else { return .needMoreData }
+        context.fireChannelRead(wrapInboundOut(request))
+        return .continue
     }
 
     public mutating func decodeLast(context: ChannelHandlerContext, buffer: inout ByteBuffer, seenEOF: Bool) throws -> DecodingState {
@@ -109,10 +113,10 @@ public struct RESPRequestDecoder: ByteToMessageDecoder {
         return .needMoreData
     }
 
-    private mutating func fail(_ context: ChannelHandlerContext, _ message: String, _ buffer: inout ByteBuffer) {
+    private mutating func fail(_ message: String, _ buffer: inout ByteBuffer) -> RESPRequest {
         failed = true
         buffer.moveReaderIndex(to: buffer.writerIndex)
-        context.fireChannelRead(wrapInboundOut(.protocolError(message)))
+        return .protocolError(message)
     }
 
     enum Outcome: Equatable {
