@@ -14,7 +14,10 @@
 // - ENOSPC from a write, a preallocation or a segment creation fails the writes it hit and
 //   everything queued behind them, truncates the segment back to its last acknowledged record, and
 //   leaves the log running: reads work, and later appends are tried again (and succeed once space
-//   is freed). ENOSPC from fdatasync is a failed fsync like any other: fatal.
+//   is freed). ENOSPC from fdatasync of a segment is a failed fsync like any other: fatal. The
+//   hard-state file a suffix replacement or a restart writes first (to a temporary file, renamed
+//   over the old one) counts as a write: ENOSPC anywhere in it, its fdatasync included, fails the
+//   write before anything is removed (the temporary file is never read).
 //
 // Rotation: when the next record would pass `segmentSize`, the current segment is trimmed to its
 // last record and synced (it is now sealed: nothing invalid may ever be found in it), then the next
@@ -803,7 +806,10 @@ public final class WriteAheadLog: @unchecked Sendable {
         guard let state = writerHardState else { return }
         try synchronize(&current)
         let sequence = writerHardStateSequence
-        try attemptFatal { () throws(FileSystemError) in
+        // Nothing was removed or cut yet, and the hard state is in the log's records too: a full
+        // disk here fails the write like any other (the file is replaced by a rename, so the old
+        // one stays whole), instead of stopping the log.
+        try attempt { () throws(FileSystemError) in
             try HardStateFile.write(logPath: directory, sequence: sequence, state: state, fileSystem: fileSystem)
         }
     }

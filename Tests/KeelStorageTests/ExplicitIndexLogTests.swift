@@ -191,6 +191,33 @@ struct ExplicitIndexLogTests {
         #expect(try Inspector.inspect(path: "/raft", fileSystem: fs).isClean)
     }
 
+    @Test("a suffix replacement on a full disk: the hard-state file it writes first does not fit; the write fails noSpace, nothing changes, and it succeeds once there is room (the log stopped for good before)")
+    func replaceOnFullDisk() async throws {
+        let fs = SimulatedFileSystem(seed: 48)
+        var (directory, log, _) = try Self.open(fs)
+        try await Self.write(log, Self.entries(1...10, term: 1), hardState: [1])
+        // The segment's preallocated space still takes records; a new file does not fit.
+        fs.setCapacity(fs.usedBytes)
+        var refusal: StorageError?
+        do { try await Self.write(log, Self.entries(6...7, term: 2), hardState: [2]) } catch let error as StorageError { refusal = error }
+        if case .noSpace = refusal {} else { Issue.record("expected noSpace, got \(String(describing: refusal))") }
+        #expect(try Self.contents(log) == Self.entries(1...10, term: 1))
+        #expect(log.hardState == [1])
+        fs.setCapacity(nil)
+        try await Self.write(log, Self.entries(6...7, term: 2), hardState: [2])
+        let expected = Self.entries(1...5, term: 1) + Self.entries(6...7, term: 2)
+        #expect(try Self.contents(log) == expected)
+        log.close()
+        directory.unlock()
+        (directory, log, _) = try Self.open(fs)
+        defer {
+            log.close()
+            directory.unlock()
+        }
+        #expect(try Self.contents(log) == expected)
+        #expect(log.hardState == [2])
+    }
+
     @Test("the hard state survives rotation and the removal of the segments that first held it")
     func hardStateSurvivesCompaction() async throws {
         let fs = SimulatedFileSystem(seed: 43)
