@@ -323,10 +323,19 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     }
 
     /// Whether `readDirectly` may answer (on the loop, after anything that can change the role,
-    /// the membership or the node's state).
+    /// the membership, the commit index or the node's state). The commit index is raised in the
+    /// same step that allows reads: a leader that just committed its first entry (after a restart,
+    /// or an election) may have committed entries it has not applied, acknowledged before (found by
+    /// review: a restarted sole voter could otherwise serve state without its last writes until
+    /// the next Ready).
     private func updateDirectReads() {
         let allowed = raft.isSoleVoterLeader && refusal() == nil
-        if allowed != directReadsAllowed { machineLock.withLock { directReadsAllowed = allowed } }
+        let commit = raft.commitIndex
+        guard allowed != directReadsAllowed || commit > directCommit else { return }
+        machineLock.withLock {
+            directReadsAllowed = allowed
+            directCommit = max(directCommit, commit)
+        }
     }
 
     /// The event loop the node runs on.

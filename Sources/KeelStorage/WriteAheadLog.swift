@@ -595,17 +595,27 @@ public final class WriteAheadLog: @unchecked Sendable {
             }
             return detached
         }
-        // A file left behind by a failure here is what a crash at this point leaves: recovery
-        // skips segments the checkpoint covers.
         var removed: [String] = []
         var failure: FileSystemError?
         for segment in detached {
+            do throws(FileSystemError) { try fileSystem.remove(joinPath(directory, segment.name)) } catch {
+                failure = error
+                break
+            }
             fileSystem.close(segment.handle)
-            guard failure == nil else { continue }
-            do throws(FileSystemError) { try fileSystem.remove(joinPath(directory, segment.name)) } catch { failure = error; continue }
             removed.append(segment.name)
         }
-        if let failure { throw .fileSystem(failure) }
+        if let failure {
+            // The ones not removed go back, oldest first, for the next compaction to try again.
+            let kept = detached.dropFirst(removed.count)
+            let closed = table.withLock { table -> Bool in
+                if !table.isClosed { table.segments.insert(contentsOf: kept, at: 0) }
+                return table.isClosed
+            }
+            if closed { for segment in kept { fileSystem.close(segment.handle) } }
+            if !removed.isEmpty { try? fileSystem.synchronizeDirectory(directory) }
+            throw .fileSystem(failure)
+        }
         if !removed.isEmpty {
             do { try fileSystem.synchronizeDirectory(directory) } catch { throw .fileSystem(error) }
         }

@@ -2,7 +2,7 @@
 // replicated map of strings, driven by tagged lines on stdin, answered by tagged lines on stdout.
 //
 //   keel-node-harness --id 1 --dir DIR --members "1=127.0.0.1:7001,2=127.0.0.1:7002" [--join]
-//                     [--snapshot-interval N] [--tick-ms N] [--token T]
+//                     [--snapshot-interval N] [--tick-ms N] [--token T] [--watch-direct-reads yes]
 //
 // `--members` lists where each member listens for peers, as this process should reach it (a test
 // may point a member at a TCP proxy); this node's own entry is where it listens.
@@ -13,6 +13,9 @@
 //   TAG status             -> TAG status role=R term=T leader=L applied=A commit=C members=1,2,3
 //   TAG hash               -> TAG hash APPLIED HASH COUNT          (local state, at that applied index)
 //   TAG dump               -> TAG dump K=V,K=V,...                 (local state)
+//   TAG direct             -> TAG direct READS FEWEST              (with --watch-direct-reads: a thread
+//                             has called readDirectly without pause since the node started; how many
+//                             answered, and the fewest keys one of them saw; -1 if none answered)
 //   TAG learner|member ID HOST:PORT, TAG promote|remove|transfer ID -> TAG ok | TAG err REASON
 // It prints "ready" once the node runs, and exits on end of input.
 
@@ -150,6 +153,9 @@ func handle(_ line: String, node: KeelNode<StringMap>) async {
                     break
                 }
             }
+        case ("direct", 2):
+            let (reads, fewest) = directWatch.withLock { (directReads, directFewest) }
+            reply("\(tag) direct \(reads) \(fewest)")
         case ("dump", 2):
             let pairs = try await node.read(consistency: .local) { map in map.values.keys.sorted().map { "\($0)=\(map.values[$0]!)" } }
             reply("\(tag) dump \(pairs.joined(separator: ","))")
@@ -182,6 +188,21 @@ do {
     node = try await KeelNode.start(configuration: configuration, machine: machine, group: group, logger: logger)
 } catch {
     fail("cannot start: \(error)")
+}
+/// With --watch-direct-reads: direct reads answered, and the fewest keys one saw.
+let directWatch = NSLock()
+nonisolated(unsafe) var directReads = 0
+nonisolated(unsafe) var directFewest = -1
+if options["watch-direct-reads"] != nil {
+    Thread.detachNewThread {
+        while true {
+            guard let count = node.readDirectly({ $0.values.count }) else { continue }
+            directWatch.lock()
+            directReads += 1
+            if directFewest < 0 || count < directFewest { directFewest = count }
+            directWatch.unlock()
+        }
+    }
 }
 reply("ready")
 await withTaskGroup(of: Void.self) { tasks in
