@@ -234,6 +234,16 @@ struct MultiProcessTests {
         defer { try? FileManager.default.removeItem(atPath: base) }
         let port = try await freePorts(1, group: group)[0]
         let arguments = ["--id", "1", "--dir", base, "--members", "1=127.0.0.1:\(port)", "--tick-ms", "10"]
+        /// Sends `request` every 10 ms until the reply passes `done` (at most 5 s); the last reply.
+        func retry(_ node: NodeProcess, _ request: String, until done: (String) -> Bool) async throws -> String {
+            var reply = ""
+            for _ in 0..<500 {
+                reply = await node.request(request)
+                if done(reply) { break }
+                try await Task.sleep(for: .milliseconds(10))
+            }
+            return reply
+        }
         var written = 0
         // The window is short (from the first commit of the new term to the next Ready): rounds
         // give the watcher many chances (with the bound raised late, 2 runs of 3 caught it at 5 rounds).
@@ -241,13 +251,7 @@ struct MultiProcessTests {
             let node = try NodeProcess(id: 1, arguments: arguments)
             await node.waitUntilReady()
             for _ in 0..<40 {
-                var reply = ""
-                for _ in 0..<200 {
-                    reply = await node.request("put k\(written) v")
-                    if reply == "ok" { break }
-                    try await Task.sleep(for: .milliseconds(10))
-                }
-                #expect(reply == "ok")
+                #expect(try await retry(node, "put k\(written) v") { $0 == "ok" } == "ok")
                 written += 1
             }
             await node.kill9()
@@ -255,20 +259,12 @@ struct MultiProcessTests {
             // applies what it had committed, is elected, and commits the rest only then.
             let restarted = try NodeProcess(id: 1, arguments: arguments + ["--watch-direct-reads", "yes"])
             await restarted.waitUntilReady()
-            var last = ""
-            for _ in 0..<500 {
-                last = await restarted.request("get k\(written - 1)")
-                if last == "value v" { break }
-                try await Task.sleep(for: .milliseconds(10))
-            }
-            #expect(last == "value v")
-            var counts: [Int] = []
-            for _ in 0..<500 {
-                // (On a loaded machine the watching thread may not have run yet.)
-                counts = await restarted.request("direct").split(separator: " ").compactMap { Int($0) }
-                if counts.count == 2, counts[0] > 0 { break }
-                try await Task.sleep(for: .milliseconds(10))
-            }
+            #expect(try await retry(restarted, "get k\(written - 1)") { $0 == "value v" } == "value v")
+            // (On a loaded machine the watching thread may not have run yet.)
+            let counts = try await retry(restarted, "direct") { reply in
+                let counts = reply.split(separator: " ").compactMap { Int($0) }
+                return counts.count == 2 && counts[0] > 0
+            }.split(separator: " ").compactMap { Int($0) }
             #expect(counts.count == 2 && counts[0] > 0, "direct reads were answered: \(counts)")
             #expect(counts.count == 2 && counts[1] == written, "every direct read saw the \(written) acknowledged writes: \(counts)")
             await restarted.stop()
