@@ -78,6 +78,16 @@ struct NodeAPITests {
             nodes.append(try await KeelNode.start(configuration: configuration, machine: TestMachine(), group: group, logger: silentLogger))
         }
         _ = try await commit("set routed 1", via: nodes)
+        // A follower sends only to the leader: node 1 leads, so that it sends to both peers (it
+        // failed about half its runs when another node won the first election).
+        let leads = try await eventually(seconds: 10) {
+            if try await nodes[0].status().role == .leader { return true }
+            for node in nodes.dropFirst() where try await node.status().role == .leader {
+                try? await node.transferLeadership(to: NodeID(1))
+            }
+            return false
+        }
+        #expect(leads, "node 1 took the leadership")
         let dialed = await eventually(seconds: 10) { proxies.allSatisfy { $0.accepted > 0 } }
         #expect(dialed, "node 1 reached nodes 2 and 3 through its routes")
         // The status still shows the addresses the cluster records.
