@@ -28,6 +28,13 @@ struct ExplicitIndexLogTests {
         }
     }
 
+    /// Closes the log and opens it again from what the file system holds (a clean restart).
+    static func reopen(_ fs: any FileSystem, _ directory: inout DataDirectory, _ log: inout WriteAheadLog) throws {
+        log.close()
+        directory.unlock()
+        (directory, log, _) = try open(fs)
+    }
+
     static func write(_ log: WriteAheadLog, _ entries: [LogEntry], hardState: [UInt8]? = nil) async throws {
         let result: Result<LogIndex, StorageError> = await withCheckedContinuation { continuation in
             do throws(StorageError) {
@@ -153,9 +160,7 @@ struct ExplicitIndexLogTests {
         var (directory, log, _) = try Self.open(fs)
         try await Self.write(log, Self.entries(1...50, term: 1), hardState: [1, 2, 3])
         try await Self.write(log, Self.entries(51...60, term: 2), hardState: [4, 5, 6])
-        log.close()
-        directory.unlock()
-        (directory, log, _) = try Self.open(fs)
+        try ExplicitIndexLogTests.reopen(fs, &directory, &log)
         defer {
             log.close()
             directory.unlock()
@@ -179,9 +184,7 @@ struct ExplicitIndexLogTests {
         #expect(try Self.contents(log) == expected)
         try await Self.write(log, Self.entries(26...30, term: 3))
         expected += Self.entries(26...30, term: 3)
-        log.close()
-        directory.unlock()
-        (directory, log, _) = try Self.open(fs)
+        try ExplicitIndexLogTests.reopen(fs, &directory, &log)
         defer {
             log.close()
             directory.unlock()
@@ -207,9 +210,7 @@ struct ExplicitIndexLogTests {
         try await Self.write(log, Self.entries(6...7, term: 2), hardState: [2])
         let expected = Self.entries(1...5, term: 1) + Self.entries(6...7, term: 2)
         #expect(try Self.contents(log) == expected)
-        log.close()
-        directory.unlock()
-        (directory, log, _) = try Self.open(fs)
+        try ExplicitIndexLogTests.reopen(fs, &directory, &log)
         defer {
             log.close()
             directory.unlock()
@@ -228,9 +229,7 @@ struct ExplicitIndexLogTests {
         _ = try CheckpointStore(directory: directory.checkpointsPath, fileSystem: fs)
             .write(EmptyCheckpoint(), metadata: CheckpointMetadata(index: LogIndex(250), term: Term(1), wallTimeMilliseconds: 0))
         try log.removeSegments(through: LogIndex(250))
-        log.close()
-        directory.unlock()
-        (directory, log, _) = try Self.open(fs)
+        try ExplicitIndexLogTests.reopen(fs, &directory, &log)
         defer {
             log.close()
             directory.unlock()
@@ -340,9 +339,7 @@ struct RestartAfterSnapshotTests {
         try await Self.restart(log, after: LogIndex(500))
         try await ExplicitIndexLogTests.write(log, ExplicitIndexLogTests.entries(501...510, term: 3))
         #expect(log.firstIndex == LogIndex(501) && log.lastIndex == LogIndex(510))
-        log.close()
-        directory.unlock()
-        (directory, log, _) = try ExplicitIndexLogTests.open(fs)
+        try ExplicitIndexLogTests.reopen(fs, &directory, &log)
         defer {
             log.close()
             directory.unlock()
@@ -360,9 +357,7 @@ struct RestartAfterSnapshotTests {
         fs.failNextAllocations(1)
         try await Self.restart(log, after: LogIndex(500))
         try await ExplicitIndexLogTests.write(log, ExplicitIndexLogTests.entries(501...510, term: 3))
-        log.close()
-        directory.unlock()
-        (directory, log, _) = try ExplicitIndexLogTests.open(fs)
+        try ExplicitIndexLogTests.reopen(fs, &directory, &log)
         defer {
             log.close()
             directory.unlock()
