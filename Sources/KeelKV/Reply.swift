@@ -3,8 +3,9 @@
 
 import KeelCore
 
-/// A reply to a command.
-public indirect enum Reply: Sendable, Equatable {
+/// A reply to a command. (Not `indirect`: nested replies live in arrays, already on the heap, so
+/// a reply needs no box of its own; an `indirect` enum allocated one for every reply.)
+public enum Reply: Sendable, Equatable {
     case simple(String)
     case error(String)
     case integer(Int64)
@@ -51,10 +52,10 @@ public indirect enum Reply: Sendable, Equatable {
         switch self {
         case .simple(let text):
             writer.write(UInt8(1))
-            writer.writeLengthPrefixed(Array(text.utf8))
+            writer.writeLengthPrefixed(text.utf8)
         case .error(let text):
             writer.write(UInt8(2))
-            writer.writeLengthPrefixed(Array(text.utf8))
+            writer.writeLengthPrefixed(text.utf8)
         case .integer(let value):
             writer.write(UInt8(3))
             writer.write(UInt64(bitPattern: value))

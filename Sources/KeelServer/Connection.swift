@@ -300,7 +300,7 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
     // MARK: - Commands
 
     private func handle(_ arguments: [[UInt8]]) {
-        let name = String(decoding: arguments[0], as: UTF8.self).lowercased()
+        let name = Self.commandName(arguments[0])
         let rest = Array(arguments.dropFirst())
         if name != lastCommand {
             lastCommand = name
@@ -460,11 +460,23 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
     /// The next pending request if it is a key-value command that parses (for grouping).
     private func nextKeyValue(now: Int64) -> (name: String, arguments: [[UInt8]], command: KVCommand)? {
         guard let next = pending.first, case .command(let arguments) = next, transaction == nil else { return nil }
-        let name = String(decoding: arguments[0], as: UTF8.self).lowercased()
+        let name = Self.commandName(arguments[0])
         guard authenticated, kvCommandArity[name] != nil else { return nil }
         let rest = Array(arguments.dropFirst())
         guard let command = try? KVCommand.parse(name, rest, now: now) else { return nil }
         return (name, rest, command)
+    }
+
+    /// A command's name in lower case. ASCII (every command's) is lowered byte by byte into the
+    /// string's own storage (`lowercased()` takes the Unicode path, for every request).
+    static func commandName(_ bytes: [UInt8]) -> String {
+        guard bytes.allSatisfy({ $0 < 0x80 }) else { return String(decoding: bytes, as: UTF8.self).lowercased() }
+        return String(unsafeUninitializedCapacity: bytes.count) { buffer in
+            for (offset, byte) in bytes.enumerated() {
+                buffer[offset] = byte >= UInt8(ascii: "A") && byte <= UInt8(ascii: "Z") ? byte | 0x20 : byte
+            }
+            return bytes.count
+        }
     }
 
     func unknownCommand(_ name: String, _ arguments: [[UInt8]]) -> String {
