@@ -49,6 +49,7 @@ struct Serve: AsyncParsableCommand {
     }
 
     func run() async throws {
+        MallocTuning.restartIfNeeded()
         let file = try config.map(Self.readConfig) ?? [:]
         func value(_ flag: String?, _ name: String) -> String? { flag ?? file[name] }
         func number<T: FixedWidthInteger>(_ flag: T?, _ name: String) throws -> T? {

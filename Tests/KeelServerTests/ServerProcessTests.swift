@@ -70,18 +70,26 @@ final class ServerProcess: @unchecked Sendable {
     let port: Int
     let directory: String
     let arguments: [String]
+    /// Variables added to (or, when empty, removed from) the test's environment.
+    let environment: [String: String]
     private var process: Process?
 
-    init(directory: String, port: Int = freePort(), extra: [String] = []) {
+    init(directory: String, port: Int = freePort(), extra: [String] = [], environment: [String: String] = [:]) {
         self.port = port
         self.directory = directory
         arguments = ["serve", "--port", String(port), "--data-dir", directory] + extra
+        self.environment = environment
     }
 
     func start() async throws {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: products() + "/keel")
         process.arguments = arguments
+        if !environment.isEmpty {
+            var merged = ProcessInfo.processInfo.environment
+            for (name, value) in environment { merged[name] = value.isEmpty ? nil : value }
+            process.environment = merged
+        }
         process.standardOutput = FileHandle.nullDevice
         process.standardError = FileHandle.nullDevice
         try process.run()
@@ -207,6 +215,35 @@ struct ServerProcessTests {
         #expect(Int(await server.cli("DBSIZE")) ?? 0 > 0)
         _ = await server.stop()
     }
+
+    #if os(Linux)
+    @Test("keel serve starts itself again once with glibc's larger per-thread allocation cache, unless the user set GLIBC_TUNABLES or turned it off")
+    func mallocTuning() async throws {
+        func environ(_ pid: Int32) throws -> [String] {
+            let bytes = try Data(contentsOf: URL(fileURLWithPath: "/proc/\(pid)/environ"))
+            return bytes.split(separator: 0).map { String(decoding: $0, as: UTF8.self) }
+        }
+        let cases: [(environment: [String: String], expected: String?)] = [
+            (["GLIBC_TUNABLES": "", "KEEL_MALLOC_TUNING": ""], "GLIBC_TUNABLES=glibc.malloc.tcache_count=256"),
+            (["GLIBC_TUNABLES": "glibc.malloc.mxfast=64"], "GLIBC_TUNABLES=glibc.malloc.mxfast=64"),
+            (["GLIBC_TUNABLES": "glibc.malloc.tcache_count=50"], "GLIBC_TUNABLES=glibc.malloc.tcache_count=50"),
+            (["GLIBC_TUNABLES": "", "KEEL_MALLOC_TUNING": "off"], nil),
+        ]
+        for (environment, expected) in cases {
+            let directory = temporaryDirectory("malloc")
+            defer { try? FileManager.default.removeItem(atPath: directory) }
+            let server = ServerProcess(directory: directory, environment: environment)
+            try await server.start()
+            // The same process (same pid) answers: it replaced itself, it did not fork.
+            #expect(await server.cli("SET", "k", "v") == "OK")
+            let variables = try environ(server.pid)
+            let tunables = variables.first { $0.hasPrefix("GLIBC_TUNABLES=") }
+            #expect(tunables == expected, "\(environment): \(tunables ?? "no GLIBC_TUNABLES")")
+            #expect(variables.contains("KEEL_MALLOC_TUNED=1") == (expected?.contains("=256") ?? false), "\(environment)")
+            _ = await server.stop()
+        }
+    }
+    #endif
 
     @Test("SIGKILL under redis-benchmark load, then a restart: every acknowledged SET is there")
     func killUnderLoad() async throws {
