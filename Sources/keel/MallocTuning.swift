@@ -30,8 +30,13 @@ enum MallocTuning {
         guard let value = tunables(environment: ProcessInfo.processInfo.environment) else { return }
         setenv("GLIBC_TUNABLES", value, 1)
         setenv(marker, "1", 1)
+        // The executable's own path, not /proc/self/exe: the kernel names the process after the
+        // file it runs (`ps` would show "exe").
+        var path = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+        let length = readlink("/proc/self/exe", &path, Int(PATH_MAX))
+        guard length > 0 else { return }
         let arguments = CommandLine.arguments.map { strdup($0) } + [nil]
-        execv("/proc/self/exe", arguments)
+        execv(path, arguments)
         // Still here: exec failed (no /proc?); run untuned.
         for pointer in arguments { free(pointer) }
     }

@@ -240,6 +240,9 @@ struct ServerProcessTests {
             let tunables = variables.first { $0.hasPrefix("GLIBC_TUNABLES=") }
             #expect(tunables == expected, "\(environment): \(tunables ?? "no GLIBC_TUNABLES")")
             #expect(variables.contains("KEEL_MALLOC_TUNED=1") == (expected?.contains("=256") ?? false), "\(environment)")
+            // Still named after its executable (ps, pgrep, top).
+            let name = try String(contentsOfFile: "/proc/\(server.pid)/comm", encoding: .utf8)
+            #expect(name.trimmingCharacters(in: .whitespacesAndNewlines) == "keel")
             _ = await server.stop()
         }
     }
