@@ -242,9 +242,13 @@ public final class KVStore: @unchecked Sendable {
     public func read(_ command: KVCommand, database: Int, now: Int64) -> (Reply, [ExpiredKey]) {
         precondition(!command.isWrite, "reads only")
         var met: [ExpiredKey] = []
-        for key in command.keys {
-            if let value = databases[database].keys[key], isExpired(value, now) {
-                met.append(ExpiredKey(database: database, key: key, expiresAt: value.expiresAt))
+        // Only a key with an expiry can have expired: with none in the database (the usual case)
+        // there is nothing to look up twice.
+        if !databases[database].volatile.isEmpty {
+            for key in command.keys {
+                if let value = databases[database].keys[key], isExpired(value, now) {
+                    met.append(ExpiredKey(database: database, key: key, expiresAt: value.expiresAt))
+                }
             }
         }
         return (execute(command, database: database, now: now, writing: false), met)

@@ -102,6 +102,12 @@ struct KVStoreTests {
         #expect(h.run("GET", "c") == .null, "expired at its time")
         #expect(h.run("GET", "a") == .bulk("1"))
         #expect(h.run("TTL", "c") == .integer(-2))
+        // A read reports the expired keys it met (the leader deletes them through the log), and
+        // only those: a live key with an expiry and a key without one are not reported.
+        h.run("SET", "plain", "p")
+        let met = h.store.read(.multiGet([Array("c".utf8), Array("a".utf8), Array("plain".utf8), Array("none".utf8)]), database: 0, now: h.now).1
+        #expect(met == [ExpiredKey(database: 0, key: Array("c".utf8), expiresAt: 1_000_050)])
+        h.run("DEL", "plain")
         h.now += 2000
         #expect(h.run("EXISTS", "a", "b") == .integer(0))
         #expect(h.run("KEYS", "*") == .array([]))
