@@ -24,21 +24,57 @@ enum MallocTuning {
         return setting
     }
 
+    /// Whether this glibc takes a cache of 256 (2.30 and later; 2.29 capped it at 127, and older
+    /// ones kept the counts in a byte).
+    static var glibcTakesSetting: Bool {
+        var buffer = [CChar](repeating: 0, count: 64)
+        guard confstr(Int32(_CS_GNU_LIBC_VERSION), &buffer, buffer.count) > 0 else { return false }
+        // "glibc 2.36"
+        let parts = String(cString: buffer).split(separator: " ").last?.split(separator: ".").compactMap { Int($0) } ?? []
+        guard parts.count >= 2 else { return false }
+        return parts[0] > 2 || (parts[0] == 2 && parts[1] >= 30)
+    }
+
+    /// The file to start again: the one the process runs (/proc/self/exe resolved), reached by
+    /// the name it was started with when that names the same file (the kernel names the process
+    /// after it: `ps`, `pgrep`); nil when it cannot be found or is the dynamic loader (keel run as
+    /// `ld.so keel serve`).
+    static func executable() -> String? {
+        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+        let length = readlink("/proc/self/exe", &buffer, Int(PATH_MAX))
+        guard length > 0, length < Int(PATH_MAX) else { return nil }
+        let path = String(cString: buffer)
+        let name = path.split(separator: "/").last.map(String.init) ?? path
+        guard !name.hasPrefix("ld-linux"), !name.hasPrefix("ld.so") else { return nil }
+        if let invoked = CommandLine.arguments.first, invoked.contains("/") {
+            var a = stat()
+            var b = stat()
+            if stat(invoked, &a) == 0, stat(path, &b) == 0, a.st_dev == b.st_dev, a.st_ino == b.st_ino { return invoked }
+        }
+        return path
+    }
+
     /// Replaces this process with itself, the same arguments, and the tunable set; returns only
-    /// if that is not needed or not possible.
+    /// if that is not needed or not possible (the environment then stays as it was).
     static func restartIfNeeded() {
-        guard let value = tunables(environment: ProcessInfo.processInfo.environment) else { return }
+        guard let value = tunables(environment: ProcessInfo.processInfo.environment), glibcTakesSetting,
+              let path = executable() else { return }
         setenv("GLIBC_TUNABLES", value, 1)
         setenv(marker, "1", 1)
-        // The executable's own path, not /proc/self/exe: the kernel names the process after the
-        // file it runs (`ps` would show "exe").
-        var path = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
-        let length = readlink("/proc/self/exe", &path, Int(PATH_MAX))
-        guard length > 0 else { return }
+        // exec keeps the calling thread's signal mask. This runs on the main thread today, whose
+        // mask is empty, but a thread of Swift's pool blocks most signals, and a process started
+        // from one would never see SIGTERM, SIGINT or SIGHUP: unblock everything first.
+        var none = sigset_t()
+        var previous = sigset_t()
+        sigemptyset(&none)
+        pthread_sigmask(SIG_SETMASK, &none, &previous)
         let arguments = CommandLine.arguments.map { strdup($0) } + [nil]
         execv(path, arguments)
-        // Still here: exec failed (no /proc?); run untuned.
+        // Still here: exec failed; run untuned, as started.
         for pointer in arguments { free(pointer) }
+        pthread_sigmask(SIG_SETMASK, &previous, nil)
+        unsetenv("GLIBC_TUNABLES")
+        unsetenv(marker)
     }
 }
 

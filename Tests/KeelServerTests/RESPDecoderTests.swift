@@ -145,3 +145,23 @@ struct RESPDecoderTests {
         #expect(header.bytesScanned <= 2 * 5001)
     }
 }
+
+@Suite("Command names and one-line replies")
+struct CommandNameTests {
+    @Test("a command's name is lowered as String.lowercased() lowers it, for ASCII and anything else")
+    func commandNames() {
+        let names: [[UInt8]] = [[], [0], Array("GeT".utf8), Array("set".utf8), Array("KEEL.MEMBER".utf8), Array("@[`{".utf8),
+                                Array("ÄbC".utf8), Array("SÉT".utf8), [0xff, 0x41], Array("İ".utf8)]
+        for name in names {
+            #expect(RESPConnection.commandName(name) == String(decoding: name, as: UTF8.self).lowercased(), "\(name)")
+        }
+    }
+
+    @Test("a simple reply or error loses its line breaks (CR, LF, CR LF each become one space), and nothing else")
+    func oneLine() {
+        #expect(ByteBuffer.oneLine("OK") == "OK")
+        #expect(ByteBuffer.oneLine("a\r\nb\rc\nd") == "a b c d")
+        #expect(ByteBuffer.oneLine("ünïcödé \u{1F600}") == "ünïcödé \u{1F600}")
+        #expect(ByteBuffer.oneLine("é\r\n") == "é ")
+    }
+}

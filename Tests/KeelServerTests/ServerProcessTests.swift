@@ -228,6 +228,8 @@ struct ServerProcessTests {
             (["GLIBC_TUNABLES": "glibc.malloc.mxfast=64"], "GLIBC_TUNABLES=glibc.malloc.mxfast=64"),
             (["GLIBC_TUNABLES": "glibc.malloc.tcache_count=50"], "GLIBC_TUNABLES=glibc.malloc.tcache_count=50"),
             (["GLIBC_TUNABLES": "", "KEEL_MALLOC_TUNING": "off"], nil),
+            // Already started again (the marker set): never a second time.
+            (["GLIBC_TUNABLES": "", "KEEL_MALLOC_TUNED": "1"], nil),
         ]
         for (environment, expected) in cases {
             let directory = temporaryDirectory("malloc")
@@ -239,7 +241,13 @@ struct ServerProcessTests {
             let variables = try environ(server.pid)
             let tunables = variables.first { $0.hasPrefix("GLIBC_TUNABLES=") }
             #expect(tunables == expected, "\(environment): \(tunables ?? "no GLIBC_TUNABLES")")
-            #expect(variables.contains("KEEL_MALLOC_TUNED=1") == (expected?.contains("=256") ?? false), "\(environment)")
+            #expect(variables.contains("KEEL_MALLOC_TUNED=1") == (expected?.contains("=256") ?? false || environment["KEEL_MALLOC_TUNED"] != nil),
+                    "\(environment)")
+            // It started with no signal blocked (exec keeps the caller's mask, and the call runs on
+            // a thread of Swift's pool, which blocks most), so SIGTERM and SIGHUP act as usual.
+            let status = try String(contentsOfFile: "/proc/\(server.pid)/status", encoding: .utf8)
+            let blocked = status.split(separator: "\n").first { $0.hasPrefix("SigBlk:") }.map { $0.dropFirst(7).trimmingCharacters(in: .whitespaces) }
+            #expect(blocked.map { $0.allSatisfy { $0 == "0" } } == true, "blocked signals: \(blocked ?? "?")")
             // Still named after its executable (ps, pgrep, top).
             let name = try String(contentsOfFile: "/proc/\(server.pid)/comm", encoding: .utf8)
             #expect(name.trimmingCharacters(in: .whitespacesAndNewlines) == "keel")
