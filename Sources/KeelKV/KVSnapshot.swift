@@ -25,8 +25,8 @@ public struct KVSnapshot: CheckpointSource {
             writer.write(UInt64(database.keys.count))
             // The pairs themselves are sorted (not the keys, then looked up again): the checkpoint
             // is written sooner, and the loop's writes copy the tree's shared nodes for less time.
-            for (key, value) in database.keys.sorted(by: { bytesPrecede($0.key, $1.key) }) {
-                writer.writeLengthPrefixed(key)
+            for (key, value) in database.keys.sorted(by: { bytesPrecede($0.key.bytes, $1.key.bytes) }) {
+                writer.writeLengthPrefixed(key.bytes)
                 writer.writeLengthPrefixed(value.bytes)
                 writer.write(UInt64(bitPattern: value.expiresAt))
                 writer.write(value.revision)
@@ -71,8 +71,8 @@ extension KVStore {
                 let value = Array(try reader.readLengthPrefixed(limit: bytes.count, "value"))
                 let expiresAt = Int64(bitPattern: try reader.readUInt64("expiry"))
                 let revision = try reader.readUInt64("revision")
-                database.keys[key] = StoredValue(bytes: value, expiresAt: expiresAt, revision: revision)
-                if expiresAt != 0 { database.volatile[key] = expiresAt }
+                database.keys[KeyBytes(key)] = StoredValue(bytes: value, expiresAt: expiresAt, revision: revision)
+                if expiresAt != 0 { database.volatile[KeyBytes(key)] = expiresAt }
             }
             restored[number] = database
         }

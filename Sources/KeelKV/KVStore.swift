@@ -20,9 +20,9 @@ public struct StoredValue: Sendable, Equatable {
 
 /// One database.
 public struct Database: Sendable {
-    public var keys = TreeDictionary<[UInt8], StoredValue>()
+    public var keys = TreeDictionary<KeyBytes, StoredValue>()
     /// Keys with an expiry, and when (for the leader's sweep).
-    public var volatile = TreeDictionary<[UInt8], Int64>()
+    public var volatile = TreeDictionary<KeyBytes, Int64>()
 }
 
 /// Limits on what a command may build.
@@ -212,7 +212,7 @@ public final class KVStore: @unchecked Sendable {
         case .expire(let keys):
             var removed: Int64 = 0
             for key in keys {
-                guard let value = databases[key.database].keys[key.key], value.expiresAt == key.expiresAt, value.expiresAt <= now else { continue }
+                guard let value = databases[key.database].keys[KeyBytes(key.key)], value.expiresAt == key.expiresAt, value.expiresAt <= now else { continue }
                 remove(key.key, database: key.database)
                 removed += 1
             }
@@ -231,7 +231,7 @@ public final class KVStore: @unchecked Sendable {
 
     /// The revision WATCH records for a key: 0 when it does not exist (or has expired).
     public func currentRevision(database: Int, key: [UInt8]) -> UInt64 {
-        guard let value = databases[database].keys[key], !isExpired(value, now) else { return 0 }
+        guard let value = databases[database].keys[KeyBytes(key)], !isExpired(value, now) else { return 0 }
         return value.revision
     }
 
@@ -246,7 +246,7 @@ public final class KVStore: @unchecked Sendable {
         // there is nothing to look up twice.
         if !databases[database].volatile.isEmpty {
             for key in command.keys {
-                if let value = databases[database].keys[key], isExpired(value, now) {
+                if let value = databases[database].keys[KeyBytes(key)], isExpired(value, now) {
                     met.append(ExpiredKey(database: database, key: key, expiresAt: value.expiresAt))
                 }
             }
@@ -262,7 +262,7 @@ public final class KVStore: @unchecked Sendable {
             var index = volatile.index(volatile.startIndex, offsetBy: Int.random(in: 0..<volatile.count, using: &random))
             for _ in 0..<min(volatile.count, limit * 5) {
                 let (key, at) = volatile[index]
-                if at <= now { found.append(ExpiredKey(database: database, key: key, expiresAt: at)) }
+                if at <= now { found.append(ExpiredKey(database: database, key: key.bytes, expiresAt: at)) }
                 if found.count >= limit { return found }
                 volatile.formIndex(after: &index)
                 if index == volatile.endIndex { index = volatile.startIndex }
@@ -286,8 +286,8 @@ public final class KVStore: @unchecked Sendable {
             for (key, value) in databases[database].keys {
                 var hash: UInt64 = 0xcbf2_9ce4_8422_2325
                 mix(&hash, UInt64(database))
-                mix(&hash, UInt64(key.count))
-                mix(&hash, key)
+                mix(&hash, UInt64(key.bytes.count))
+                mix(&hash, key.bytes)
                 mix(&hash, UInt64(value.bytes.count))
                 mix(&hash, value.bytes)
                 mix(&hash, UInt64(bitPattern: value.expiresAt))
@@ -313,7 +313,7 @@ public final class KVStore: @unchecked Sendable {
     /// The live value of a key; when writing, an expired one is removed first (deterministically:
     /// `now` is the entry's time).
     private func lookup(_ key: [UInt8], _ database: Int, _ now: Int64, _ writing: Bool) -> StoredValue? {
-        guard let value = databases[database].keys[key] else { return nil }
+        guard let value = databases[database].keys[KeyBytes(key)] else { return nil }
         if isExpired(value, now) {
             if writing { remove(key, database: database) }
             return nil
@@ -325,6 +325,7 @@ public final class KVStore: @unchecked Sendable {
     // key has or had an expiry (a key is in `volatile` exactly when its expiry is not 0).
     private func store(_ key: [UInt8], _ bytes: [UInt8], expiresAt: Int64, database: Int) {
         revision += 1
+        let key = KeyBytes(key)
         let old = databases[database].keys.updateValue(StoredValue(bytes: bytes, expiresAt: expiresAt, revision: revision), forKey: key)
         if expiresAt != 0 {
             databases[database].volatile[key] = expiresAt
@@ -335,6 +336,7 @@ public final class KVStore: @unchecked Sendable {
 
     @discardableResult
     private func remove(_ key: [UInt8], database: Int) -> Bool {
+        let key = KeyBytes(key)
         guard let old = databases[database].keys.removeValue(forKey: key) else { return false }
         if old.expiresAt != 0 { databases[database].volatile[key] = nil }
         revision += 1
@@ -499,8 +501,8 @@ public final class KVStore: @unchecked Sendable {
         case .keys(let pattern):
             var found: [Reply] = []
             let matchAll = pattern == [UInt8(ascii: "*")]
-            for (key, value) in databases[db].keys where !isExpired(value, now) && (matchAll || globMatch(pattern[...], key[...])) {
-                found.append(.bulk(key))
+            for (key, value) in databases[db].keys where !isExpired(value, now) && (matchAll || globMatch(pattern[...], key.bytes[...])) {
+                found.append(.bulk(key.bytes))
             }
             return .array(found)
         case .scan(let cursor, let match, let count, let type):
@@ -512,8 +514,8 @@ public final class KVStore: @unchecked Sendable {
             var visited = 0
             while index != keys.endIndex, visited < count {
                 let (key, value) = keys[index]
-                if !isExpired(value, now), match.map({ globMatch($0[...], key[...]) }) ?? true, type == nil || type == "string" {
-                    found.append(.bulk(key))
+                if !isExpired(value, now), match.map({ globMatch($0[...], key.bytes[...]) }) ?? true, type == nil || type == "string" {
+                    found.append(.bulk(key.bytes))
                 }
                 keys.formIndex(after: &index)
                 position += 1
@@ -527,7 +529,7 @@ public final class KVStore: @unchecked Sendable {
             guard !keys.isEmpty else { return .null }
             for _ in 0..<100 {
                 let (key, value) = keys[keys.index(keys.startIndex, offsetBy: Int.random(in: 0..<keys.count))]
-                if !isExpired(value, now) { return .bulk(key) }
+                if !isExpired(value, now) { return .bulk(key.bytes) }
             }
             return .null
         case .flushDatabase:

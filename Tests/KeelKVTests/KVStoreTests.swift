@@ -296,6 +296,23 @@ struct KVStoreTests {
         #expect(written == keys.sorted { $0.lexicographicallyPrecedes($1) })
     }
 
+    @Test("dictionary keys: equal exactly when their bytes are, equal keys hash alike (zero bytes and prefixes included)")
+    func keyBytes() {
+        var random = SeededRandom(seed: 11)
+        var samples: [[UInt8]] = [[], [0], [0, 0], [1], [1, 0], Array(repeating: 7, count: 40)]
+        for _ in 0..<200 { samples.append((0..<Int(random.next() % 6)).map { _ in UInt8(random.next() % 2) }) }
+        var hashes: [KeyBytes: [UInt8]] = [:]
+        for a in samples {
+            for b in samples.prefix(60) {
+                #expect((KeyBytes(a) == KeyBytes(b)) == (a == b), "\(a) vs \(b)")
+                if a == b { #expect(KeyBytes(a).hashValue == KeyBytes(b).hashValue) }
+            }
+            hashes[KeyBytes(a)] = a
+        }
+        #expect(hashes.count == Set(samples).count)
+        for (key, bytes) in hashes { #expect(key.bytes == bytes) }
+    }
+
     @Test("malformed log entries answer an error and change nothing")
     func malformedEntries() {
         let h = Harness()
