@@ -179,9 +179,9 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
             case .protocolError(let message):
                 write(.error(message))
                 closeAfterFlush()
-            case .command(let arguments):
+            case .command(let name, let arguments):
                 processed += 1
-                handle(arguments)
+                handle(name, arguments)
             }
         }
         // The shared counters and CLIENT LIST's last command: once per burst, not per request.
@@ -299,9 +299,8 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
 
     // MARK: - Commands
 
-    private func handle(_ arguments: [[UInt8]]) {
-        let name = Self.commandName(arguments[0])
-        let rest = Array(arguments.dropFirst())
+    private func handle(_ original: String, _ rest: [[UInt8]]) {
+        let name = Self.commandName(original)
         if name != lastCommand {
             lastCommand = name
             lastCommandChanged = true
@@ -310,12 +309,12 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
             return write(.error("NOAUTH Authentication required."))
         }
         if transaction != nil, !["exec", "discard", "multi", "watch", "quit", "reset"].contains(name) {
-            return queue(name, rest, originalName: String(decoding: arguments[0], as: UTF8.self))
+            return queue(name, rest, originalName: original)
         }
         if kvCommandArity[name] != nil {
             return runKeyValue(name, rest)
         }
-        runServerCommand(name, rest, original: arguments)
+        runServerCommand(name, rest, original: original)
     }
 
     private func queue(_ name: String, _ arguments: [[UInt8]], originalName: String) {
@@ -459,18 +458,20 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
 
     /// The next pending request if it is a key-value command that parses (for grouping).
     private func nextKeyValue(now: Int64) -> (name: String, arguments: [[UInt8]], command: KVCommand)? {
-        guard let next = pending.first, case .command(let arguments) = next, transaction == nil else { return nil }
-        let name = Self.commandName(arguments[0])
+        guard let next = pending.first, case .command(let original, let rest) = next, transaction == nil else { return nil }
+        let name = Self.commandName(original)
         guard authenticated, kvCommandArity[name] != nil else { return nil }
-        let rest = Array(arguments.dropFirst())
         guard let command = try? KVCommand.parse(name, rest, now: now) else { return nil }
         return (name, rest, command)
     }
 
     /// A command's name in lower case. ASCII (every command's) is lowered byte by byte into the
-    /// string's own storage (`lowercased()` takes the Unicode path, for every request).
-    static func commandName(_ bytes: [UInt8]) -> String {
-        guard bytes.allSatisfy({ $0 < 0x80 }) else { return String(decoding: bytes, as: UTF8.self).lowercased() }
+    /// string's own storage (`lowercased()` takes the Unicode path, for every request); a name
+    /// already in lower case is returned as it is.
+    static func commandName(_ name: String) -> String {
+        let bytes = name.utf8
+        guard bytes.allSatisfy({ $0 < 0x80 }) else { return name.lowercased() }
+        guard bytes.contains(where: { $0 >= UInt8(ascii: "A") && $0 <= UInt8(ascii: "Z") }) else { return name }
         return String(unsafeUninitializedCapacity: bytes.count) { buffer in
             for (offset, byte) in bytes.enumerated() {
                 buffer[offset] = byte >= UInt8(ascii: "A") && byte <= UInt8(ascii: "Z") ? byte | 0x20 : byte

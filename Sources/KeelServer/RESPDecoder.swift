@@ -19,7 +19,9 @@ public struct RESPLimits: Sendable, Equatable {
 
 /// What the decoder produces.
 public enum RESPRequest: Equatable, Sendable {
-    case command([[UInt8]])
+    /// A command: its name as sent (a short name is a string with no allocation of its own) and
+    /// the arguments after it.
+    case command(name: String, arguments: [[UInt8]])
     /// A protocol error: reply with it, then close the connection.
     case protocolError(String)
 }
@@ -92,8 +94,12 @@ public struct RESPRequestDecoder: ByteToMessageDecoder {
                 return fail("ERR Protocol error: query buffer exceeds the limit", &buffer)
             case .request(let arguments):
                 if limited, authenticates(arguments) { authentication?.limited = false }
-                if !arguments.isEmpty { return .command(arguments) }
+                if let first = arguments.first {
+                    return .command(name: String(decoding: first, as: UTF8.self), arguments: Array(arguments.dropFirst()))
+                }
                 // An empty multibulk ("*0"), as Redis: nothing to answer.
+            case .command(let name, let arguments):
+                return .command(name: name, arguments: arguments)
             case .error(let message):
                 return fail(message, &buffer)
             }
@@ -122,6 +128,8 @@ public struct RESPRequestDecoder: ByteToMessageDecoder {
     enum Outcome: Equatable {
         case needMoreData
         case request([[UInt8]])
+        /// A request whose name is already taken apart (the one-pass path).
+        case command(name: String, arguments: [[UInt8]])
         case error(String)
     }
 
@@ -133,7 +141,7 @@ public struct RESPRequestDecoder: ByteToMessageDecoder {
         if first == UInt8(ascii: "*") {
             // A fresh request already whole in the buffer (what pipelining clients send): one pass
             // over the bytes. Anything else takes the general path below.
-            if lineScanned == 0, !limited, let arguments = wholeMultibulk(&buffer) { return .request(arguments) }
+            if lineScanned == 0, !limited, let (name, arguments) = wholeMultibulk(&buffer) { return .command(name: name, arguments: arguments) }
             return parseMultibulk(&buffer)
         }
         return parseInline(&buffer)
@@ -144,10 +152,10 @@ public struct RESPRequestDecoder: ByteToMessageDecoder {
     /// nil, having consumed nothing, otherwise (the general path then answers exactly as before).
     /// Reads each byte at most once, so a failed attempt costs no more than the bytes present;
     /// the general path then consumes the header, so the attempt is not repeated for the request.
-    private func wholeMultibulk(_ buffer: inout ByteBuffer) -> [[UInt8]]? {
+    private func wholeMultibulk(_ buffer: inout ByteBuffer) -> (name: String, arguments: [[UInt8]])? {
         let bulkMax = limits.bulkLengthMax
         let countMax = limits.multibulkLengthMax
-        let result = buffer.withUnsafeReadableBytes { bytes -> (arguments: [[UInt8]], consumed: Int)? in
+        let result = buffer.withUnsafeReadableBytes { bytes -> (name: String, arguments: [[UInt8]], consumed: Int)? in
             let end = bytes.count
             var at = 1
             /// Digits up to "\r\n" at `at` (at most 18: no overflow), then past the line end.
@@ -168,21 +176,27 @@ public struct RESPRequestDecoder: ByteToMessageDecoder {
                 return nil
             }
             guard let count = number(), count > 0, count <= countMax else { return nil }
+            var name = ""
             var arguments: [[UInt8]] = []
-            arguments.reserveCapacity(min(count, 1024))
-            for _ in 0..<count {
+            arguments.reserveCapacity(min(count - 1, 1024))
+            for element in 0..<count {
                 guard at < end, bytes[at] == UInt8(ascii: "$") else { return nil }
                 at += 1
                 guard let length = number(), length <= bulkMax, end - at >= length + 2,
                       bytes[at + length] == UInt8(ascii: "\r"), bytes[at + length + 1] == UInt8(ascii: "\n") else { return nil }
-                arguments.append(Array(UnsafeRawBufferPointer(rebasing: bytes[at..<(at + length)])))
+                let value = UnsafeRawBufferPointer(rebasing: bytes[at..<(at + length)])
+                if element == 0 {
+                    name = String(decoding: value, as: UTF8.self)
+                } else {
+                    arguments.append(Array(value))
+                }
                 at += length + 2
             }
-            return (arguments, at)
+            return (name, arguments, at)
         }
         guard let result else { return nil }
         buffer.moveReaderIndex(forwardBy: result.consumed)
-        return result.arguments
+        return (result.name, result.arguments)
     }
 
     /// The index of the "\r\n" (or "\n") ending the line at `start`, and the line's length.

@@ -22,9 +22,9 @@ let serverCommandNames = Set(serverCommandArity.keys)
 let redisVersion = "7.0.0"
 
 extension RESPConnection {
-    func runServerCommand(_ name: String, _ a: [[UInt8]], original: [[UInt8]]) {
+    func runServerCommand(_ name: String, _ a: [[UInt8]], original: String) {
         guard let arity = serverCommandArity[name] else {
-            return write(.error(unknownCommand(String(decoding: original[0], as: UTF8.self), a)))
+            return write(.error(unknownCommand(original, a)))
         }
         let count = a.count + 1
         guard arity >= 0 ? count == arity : count >= -arity else {

@@ -22,8 +22,8 @@ struct RESPDecoderTests {
         let bytes = Array("*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nva\r\nl\r\nPING\r\n*2\r\n$4\r\nECHO\r\n$0\r\n\r\nGET \"a b\"\r\n".utf8)
         let whole = try decode([bytes])
         #expect(whole == [
-            .command([Array("SET".utf8), Array("k".utf8), Array("va\r\nl".utf8)]), .command([Array("PING".utf8)]),
-            .command([Array("ECHO".utf8), []]), .command([Array("GET".utf8), Array("a b".utf8)]),
+            .command(name: "SET", arguments: [Array("k".utf8), Array("va\r\nl".utf8)]), .command(name: "PING", arguments: []),
+            .command(name: "ECHO", arguments: [[]]), .command(name: "GET", arguments: [Array("a b".utf8)]),
         ])
         #expect(try decode(bytes.map { [$0] }) == whole)
     }
@@ -77,7 +77,7 @@ struct RESPDecoderTests {
         let pieces = stride(from: 0, to: request.count, by: 7).map { Array(request[$0..<min($0 + 7, request.count)]) }
         let decoded = try decode(pieces)
         #expect(decoded.count == 1)
-        if case .command(let arguments) = decoded.first { #expect(arguments.count == 1001 && arguments.last == Array("v00999".utf8)) }
+        if case .command(let name, let arguments) = decoded.first { #expect(name == "MSET" && arguments.count == 1000 && arguments.last == Array("v00999".utf8)) }
         var small = RESPLimits()
         small.queryBufferMax = 1024
         let refused = try decode(pieces, limits: small)
@@ -153,7 +153,8 @@ struct CommandNameTests {
         let names: [[UInt8]] = [[], [0], Array("GeT".utf8), Array("set".utf8), Array("KEEL.MEMBER".utf8), Array("@[`{".utf8),
                                 Array("ÄbC".utf8), Array("SÉT".utf8), [0xff, 0x41], Array("İ".utf8)]
         for name in names {
-            #expect(RESPConnection.commandName(name) == String(decoding: name, as: UTF8.self).lowercased(), "\(name)")
+            let text = String(decoding: name, as: UTF8.self)
+            #expect(RESPConnection.commandName(text) == text.lowercased(), "\(name)")
         }
     }
 
