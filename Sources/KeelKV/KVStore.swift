@@ -160,6 +160,7 @@ public enum KVEntry: Sendable, Equatable {
             let commandCount = Int(try reader.readUInt32("command count"))
             guard commandCount <= reader.remaining / 9 else { throw DecodingError("command count", offset: reader.position) }
             var commands: [QueuedCommand] = []
+            commands.reserveCapacity(commandCount)
             for _ in 0..<commandCount { commands.append(try command()) }
             entry = .transaction(watched: watched, commands: commands)
         case 3:

@@ -375,17 +375,18 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
             return write(.error(error.message))
         }
         if command.isWrite {
-            var group = [KVEntry.command(database: database, name: name, arguments: arguments)]
+            var group = [KVEntry.QueuedCommand(database: database, name: name, arguments: arguments)]
+            group.reserveCapacity(min(pending.count + 1, 1024))
             var bytes = arguments.reduce(0) { $0 + $1.count }
             while group.count < 1024, bytes < 1 << 20, let next = nextKeyValue(now: now), next.command.isWrite {
                 bytes += next.arguments.reduce(0) { $0 + $1.count }
                 pending.removeFirst()
                 processed += 1
-                group.append(.command(database: database, name: next.name, arguments: next.arguments))
+                group.append(KVEntry.QueuedCommand(database: database, name: next.name, arguments: next.arguments))
             }
             let node = server.node
             if group.count == 1 {
-                let entry = group[0].encoded(now: now)
+                let entry = KVEntry.command(database: database, name: name, arguments: arguments).encoded(now: now)
                 answerLater(kind: .write) { done in
                     node.propose(entry) { result in
                         switch result {
@@ -398,12 +399,8 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
             }
             // Pipelined writes travel as one log entry (applied together, in order: a stronger
             // guarantee than Redis gives them, at a fraction of the cost per command).
-            let commands = group.compactMap { entry -> KVEntry.QueuedCommand? in
-                guard case .command(let database, let name, let arguments) = entry else { return nil }
-                return KVEntry.QueuedCommand(database: database, name: name, arguments: arguments)
-            }
-            let count = commands.count
-            let batch = KVEntry.transaction(watched: [], commands: commands).encoded(now: now)
+            let count = group.count
+            let batch = KVEntry.transaction(watched: [], commands: group).encoded(now: now)
             answerLater(kind: .write) { done in
                 node.propose(batch) { result in
                     switch result {
