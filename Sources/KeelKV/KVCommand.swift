@@ -42,7 +42,8 @@ public enum KVCommand: Sendable, Equatable {
     case rename([UInt8], [UInt8], onlyIfAbsent: Bool)
     case copy([UInt8], [UInt8], database: Int?, replace: Bool)
     case keys([UInt8])
-    case scan(cursor: Int, match: [UInt8]?, count: Int, type: String?)
+    /// The cursor is a position in hash order (see `HashTrie`), 0 to start.
+    case scan(cursor: UInt64, match: [UInt8]?, count: Int, type: String?)
     case databaseSize
     case randomKey
     case flushDatabase
@@ -305,7 +306,9 @@ extension KVCommand {
             return .copy(a[0], a[1], database: database, replace: replace)
         case "keys": return .keys(a[0])
         case "scan":
-            guard let cursor = parseInteger(a[0]), cursor >= 0 else { throw CommandError("ERR invalid cursor") }
+            // As Redis: an unsigned 64-bit decimal.
+            guard !a[0].isEmpty, a[0].count <= 20, a[0].allSatisfy({ $0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9") }),
+                  let cursor = UInt64(String(decoding: a[0], as: UTF8.self)) else { throw CommandError("ERR invalid cursor") }
             var match: [UInt8]?
             var count = 10
             var type: String?
@@ -323,7 +326,7 @@ extension KVCommand {
                 }
                 index += 2
             }
-            return .scan(cursor: Int(min(cursor, Int64(Int.max))), match: match, count: count, type: type)
+            return .scan(cursor: cursor, match: match, count: count, type: type)
         case "dbsize": return .databaseSize
         case "randomkey": return .randomKey
         case "flushdb", "flushall":

@@ -1,7 +1,6 @@
 // The key-value store's snapshot: an O(1) copy of its databases, written out in key order (so two
 // replicas with the same state write the same bytes). Format: docs/formats/kv.md.
 
-import Collections
 #if canImport(Glibc)
 import Glibc
 #endif

@@ -1,11 +1,10 @@
 // The key-value state machine: 16 databases of binary-safe keys and string values with absolute
-// expiry times, on TreeDictionary (an O(1) copy for snapshots). Deterministic: time enters with
+// expiry times, on HashTrie (an O(1) copy for snapshots). Deterministic: time enters with
 // each log entry (the proposer's clock, never going backwards here), never from a clock.
 //
 // Log entries (KVEntry) are a single command, a transaction (MULTI/EXEC, with its WATCHed keys),
 // or deletions of expired keys found by the leader. Replies go back as `Reply.encoded`.
 
-import Collections
 import KeelCore
 import KeelStorage
 
@@ -20,9 +19,9 @@ public struct StoredValue: Sendable, Equatable {
 
 /// One database.
 public struct Database: Sendable {
-    public var keys = TreeDictionary<KeyBytes, StoredValue>()
+    public var keys = HashTrie<KeyBytes, StoredValue>()
     /// Keys with an expiry, and when (for the leader's sweep).
-    public var volatile = TreeDictionary<KeyBytes, Int64>()
+    public var volatile = HashTrie<KeyBytes, Int64>()
 }
 
 /// Limits on what a command may build.
@@ -260,13 +259,12 @@ public final class KVStore: @unchecked Sendable {
         var found: [ExpiredKey] = []
         for database in 0..<Self.databaseCount where !databases[database].volatile.isEmpty {
             let volatile = databases[database].volatile
-            var index = volatile.index(volatile.startIndex, offsetBy: Int.random(in: 0..<volatile.count, using: &random))
+            var keys = volatile.elements(from: random.next())
             for _ in 0..<min(volatile.count, limit * 5) {
-                let (key, at) = volatile[index]
+                // From a random hash on, round to the start.
+                guard let (key, at) = keys.next() ?? { keys = volatile.makeIterator(); return keys.next() }() else { break }
                 if at <= now { found.append(ExpiredKey(database: database, key: key.bytes, expiresAt: at)) }
                 if found.count >= limit { return found }
-                volatile.formIndex(after: &index)
-                if index == volatile.endIndex { index = volatile.startIndex }
             }
         }
         return found
@@ -507,29 +505,33 @@ public final class KVStore: @unchecked Sendable {
             }
             return .array(found)
         case .scan(let cursor, let match, let count, let type):
-            let keys = databases[db].keys
-            guard cursor < keys.count else { return .array([.bulk("0"), .array([])]) }
-            var index = keys.index(keys.startIndex, offsetBy: cursor)
-            var position = cursor
+            // The cursor is a hash value: the keys are walked in hash order from it, so a key that
+            // stays in the database through a whole scan is returned once, whatever else changes.
+            // Keys with one hash are returned together (COUNT is a hint, as in Redis).
+            var keys = databases[db].keys.elements(from: cursor)
             var found: [Reply] = []
             var visited = 0
-            while index != keys.endIndex, visited < count {
-                let (key, value) = keys[index]
+            var lastHash: UInt64?
+            while let (key, value) = keys.next() {
+                let hash = HashTrie<KeyBytes, StoredValue>.hash(key)
+                if visited >= count, hash != lastHash { return .array([.bulk(String(hash)), .array(found)]) }
+                lastHash = hash
+                visited += 1
                 if !isExpired(value, now), match.map({ globMatch($0[...], key.bytes[...]) }) ?? true, type == nil || type == "string" {
                     found.append(.bulk(key.bytes))
                 }
-                keys.formIndex(after: &index)
-                position += 1
-                visited += 1
             }
-            return .array([.bulk(index == keys.endIndex ? "0" : String(position)), .array(found)])
+            return .array([.bulk("0"), .array(found)])
         case .databaseSize:
             return .integer(Int64(databases[db].keys.count))
         case .randomKey:
             let keys = databases[db].keys
             guard !keys.isEmpty else { return .null }
             for _ in 0..<100 {
-                let (key, value) = keys[keys.index(keys.startIndex, offsetBy: Int.random(in: 0..<keys.count))]
+                // The first key from a random hash on (round to the start).
+                var from = keys.elements(from: UInt64.random(in: .min ... .max))
+                var start = keys.makeIterator()
+                guard let (key, value) = from.next() ?? start.next() else { break }
                 if !isExpired(value, now) { return .bulk(key.bytes) }
             }
             return .null

@@ -183,6 +183,43 @@ struct KVStoreTests {
         #expect(h.run([Array("GET".utf8), binary]) == .bulk(binary))
     }
 
+    @Test("SCAN returns every key that stays through the scan once, while keys are deleted and added (scan-and-delete)")
+    func scanWhileChanging() {
+        let h = Harness()
+        for i in 0..<1000 { h.run("SET", "stay:\(i)", "x") }
+        for i in 0..<1000 { h.run("SET", "gone:\(i)", "x") }
+        var cursor = "0"
+        var seen: [String: Int] = [:]
+        var calls = 0
+        var added = 0
+        repeat {
+            guard case .array(let parts?) = h.run("SCAN", cursor, "COUNT", "25"), case .bulk(let next?) = parts[0], case .array(let keys?) = parts[1] else {
+                Issue.record("bad SCAN reply")
+                return
+            }
+            cursor = String(decoding: next, as: UTF8.self)
+            calls += 1
+            for case .bulk(let key?) in keys {
+                let name = String(decoding: key, as: UTF8.self)
+                seen[name, default: 0] += 1
+                // Delete what is returned (the usual way to delete by pattern), and add new keys.
+                if name.hasPrefix("gone:") { h.run("DEL", name) }
+            }
+            h.run("SET", "new:\(added)", "x")
+            added += 1
+        } while cursor != "0" && calls < 10_000
+        #expect(calls < 10_000)
+        for i in 0..<1000 {
+            #expect(seen["stay:\(i)"] == 1, "stay:\(i) seen \(seen["stay:\(i)"] ?? 0) times")
+            #expect(seen["gone:\(i)"] == 1, "gone:\(i) seen \(seen["gone:\(i)"] ?? 0) times")
+        }
+        #expect(h.run("DBSIZE") == .integer(Int64(1000 + added)))
+        #expect(h.run("SCAN", "18446744073709551615") == .array([.bulk("0"), .array([])]) || h.run("DBSIZE") != .integer(0))
+        #expect(h.run("SCAN", "18446744073709551616") == .error("ERR invalid cursor"))
+        #expect(h.run("SCAN", "-1") == .error("ERR invalid cursor"))
+        #expect(h.run("SCAN", "+1") == .error("ERR invalid cursor"))
+    }
+
     @Test("keyspace: DEL, TYPE, RENAME, RENAMENX, COPY, KEYS with globs, SCAN, RANDOMKEY, FLUSHDB, SELECTed databases, SWAPDB")
     func keyspace() {
         let h = Harness()
