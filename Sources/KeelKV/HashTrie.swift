@@ -72,25 +72,31 @@ public struct HashTrie<Key: Hashable, Value> {
             _ = withUnsafeMutablePointers { header, slots in slots.deinitialize(count: Int(header.pointee.count)) }
         }
 
-        @inline(__always) var bitmap: UInt32 { header.bitmap }
-        @inline(__always) var slotCount: Int { Int(header.count) }
+        /// The header, through its address: `ManagedBuffer.header` is a class's stored property,
+        /// so each use of it is checked for exclusive access at run time, several times a level on
+        /// the write path (the slots are reached the same way, below).
+        @inline(__always)
+        var head: UnsafeMutablePointer<Header> { withUnsafeMutablePointerToHeader { $0 } }
+
+        @inline(__always) var bitmap: UInt32 { head.pointee.bitmap }
+        @inline(__always) var slotCount: Int { Int(head.pointee.count) }
 
         @inline(__always)
         var slots: UnsafeMutablePointer<Slot> { withUnsafeMutablePointerToElements { $0 } }
 
         @inline(__always)
-        func has(_ bucket: Int) -> Bool { header.bitmap & (1 << UInt32(bucket)) != 0 }
+        func has(_ bucket: Int) -> Bool { head.pointee.bitmap & (1 << UInt32(bucket)) != 0 }
 
         /// The position of `bucket`'s slot (or where it would go).
         @inline(__always)
-        func position(_ bucket: Int) -> Int { (header.bitmap & ((1 << UInt32(bucket)) &- 1)).nonzeroBitCount }
+        func position(_ bucket: Int) -> Int { (head.pointee.bitmap & ((1 << UInt32(bucket)) &- 1)).nonzeroBitCount }
 
         /// A copy that shares the slots' contents.
         func copy(extra: Int = 0) -> Node {
             let node = Node.make(capacity: slotCount + extra)
             node.slots.initialize(from: slots, count: slotCount)
-            node.header.bitmap = header.bitmap
-            node.header.count = header.count
+            node.head.pointee.bitmap = head.pointee.bitmap
+            node.head.pointee.count = head.pointee.count
             return node
         }
 
@@ -106,15 +112,15 @@ public struct HashTrie<Key: Hashable, Value> {
             if consume {
                 target.moveInitialize(from: source, count: at)
                 (target + at + 1).moveInitialize(from: source + at, count: count - at)
-                header.count = 0
-                header.bitmap = 0
+                head.pointee.count = 0
+                head.pointee.bitmap = 0
             } else {
                 target.initialize(from: source, count: at)
                 (target + at + 1).initialize(from: source + at, count: count - at)
             }
             (target + at).initialize(to: slot)
-            node.header.bitmap = bitmap | (1 << UInt32(bucket))
-            node.header.count = Int32(count + 1)
+            node.head.pointee.bitmap = bitmap | (1 << UInt32(bucket))
+            node.head.pointee.count = Int32(count + 1)
             return node
         }
 
@@ -125,8 +131,8 @@ public struct HashTrie<Key: Hashable, Value> {
             let slots = self.slots
             (slots + at).deinitialize(count: 1)
             (slots + at).moveInitialize(from: slots + at + 1, count: count - at - 1)
-            header.count = Int32(count - 1)
-            header.bitmap &= ~(1 << UInt32(bucket))
+            head.pointee.count = Int32(count - 1)
+            head.pointee.bitmap &= ~(1 << UInt32(bucket))
         }
     }
 
@@ -148,13 +154,13 @@ public struct HashTrie<Key: Hashable, Value> {
             let (first, second) = bucketA < bucketB ? (a, b) : (b, a)
             node.slots.initialize(to: first)
             (node.slots + 1).initialize(to: second)
-            node.header.bitmap = (1 << UInt32(bucketA)) | (1 << UInt32(bucketB))
-            node.header.count = 2
+            node.head.pointee.bitmap = (1 << UInt32(bucketA)) | (1 << UInt32(bucketB))
+            node.head.pointee.count = 2
             return node
         }
         let node = Node.make(capacity: 1)
-        node.header.bitmap = 1 << UInt32(bucketA)
-        node.header.count = 1
+        node.head.pointee.bitmap = 1 << UInt32(bucketA)
+        node.head.pointee.count = 1
         if level == lastLevel {
             // Every bit agrees: the two hashes are equal.
             node.slots.initialize(to: .collision(Collision(hash: hashA, items: items(a) + items(b))))
