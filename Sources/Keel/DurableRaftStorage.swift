@@ -33,6 +33,8 @@ public final class DurableRaftStorage: RaftStorage, @unchecked Sendable {
     /// The persisted hard state and the newest snapshot, behind a lock: the node's loop reads them
     /// while its storage queue takes snapshots.
     private let guarded: NIOLockedValueBox<(hardState: HardState, snapshot: SnapshotMetadata, damaged: SnapshotMetadata?)>
+    /// The size in bytes of the newest checkpoint's file (0 when there is none).
+    private let checkpointBytes: NIOLockedValueBox<Int>
     /// The snapshot whose file was last checked whole before a transfer.
     private let verifiedSnapshot = NIOLockedValueBox<SnapshotMetadata?>(nil)
     /// The newest entries handed to `persist`, so that applying them (and sending them to
@@ -83,6 +85,7 @@ public final class DurableRaftStorage: RaftStorage, @unchecked Sendable {
             let checkpoints = CheckpointStore(directory: directory.checkpointsPath, fileSystem: fileSystem, limits: options.limits)
             var snapshot = SnapshotMetadata(index: .zero, term: .zero, membership: initialMembership)
             var state: [UInt8]?
+            var checkpointBytes = 0
             if let loaded = report.checkpoint, let file = try checkpoints.list().first(where: { $0.index == loaded.index && $0.term == loaded.term }) {
                 guard case .success(let (metadata, body)) = try checkpoints.load(file) else {
                     throw StorageError.corruption(file: file.name, offset: 0, reason: "the checkpoint recovery used no longer verifies",
@@ -91,12 +94,13 @@ public final class DurableRaftStorage: RaftStorage, @unchecked Sendable {
                 let (membership, rest) = try decodeSnapshotBody(body, file: file.name)
                 snapshot = SnapshotMetadata(index: metadata.index, term: metadata.term, membership: membership)
                 state = rest
+                checkpointBytes = try checkpoints.size(of: file)
             }
             var hardState = try decodeHardState(log.hardState) ?? HardState(term: snapshot.term, votedFor: nil, commit: snapshot.index)
             // A commit index is never ahead of what this node holds (Raft re-learns it from the leader).
             hardState.commit = min(hardState.commit, max(log.lastIndex, snapshot.index))
             let storage = DurableRaftStorage(directory: directory, log: log, checkpoints: checkpoints, fileSystem: fileSystem,
-                                             hardState: hardState, snapshot: snapshot)
+                                             hardState: hardState, snapshot: snapshot, checkpointBytes: checkpointBytes)
             return (storage, state)
         } catch {
             log.close()
@@ -106,13 +110,18 @@ public final class DurableRaftStorage: RaftStorage, @unchecked Sendable {
     }
 
     init(directory: DataDirectory, log: WriteAheadLog, checkpoints: CheckpointStore, fileSystem: any FileSystem,
-         hardState: HardState, snapshot: SnapshotMetadata) {
+         hardState: HardState, snapshot: SnapshotMetadata, checkpointBytes: Int = 0) {
         self.directory = directory
         self.log = log
         self.checkpoints = checkpoints
         self.fileSystem = fileSystem
         guarded = NIOLockedValueBox((hardState, snapshot, nil))
+        self.checkpointBytes = NIOLockedValueBox(checkpointBytes)
     }
+
+    /// The size in bytes of the newest checkpoint's file, written here or received from a leader
+    /// (0 when there is none).
+    public var newestCheckpointBytes: Int { checkpointBytes.withLockedValue { $0 } }
 
     /// Closes the log and releases the directory.
     public func close() {
@@ -353,6 +362,7 @@ public final class DurableRaftStorage: RaftStorage, @unchecked Sendable {
             try fileSystem.rename(temporary, to: final)
             try fileSystem.synchronizeDirectory(directory.checkpointsPath)
         } catch { throw .fileSystem(error) }
+        checkpointBytes.withLockedValue { $0 = bytes.count }
         return (membership, state)
     }
 
@@ -383,7 +393,9 @@ public final class DurableRaftStorage: RaftStorage, @unchecked Sendable {
         // A snapshot installed from the leader meanwhile may be newer: never go back.
         guard index >= snapshot.index else { return }
         let body = SnapshotBody(membership: Self.encodeMembership(membership), state: state)
-        _ = try checkpoints.write(body, metadata: CheckpointMetadata(index: index, term: term, wallTimeMilliseconds: wallTimeMilliseconds))
+        let file = try checkpoints.write(body, metadata: CheckpointMetadata(index: index, term: term, wallTimeMilliseconds: wallTimeMilliseconds))
+        // Only the growth trigger reads the size: a failure to read it leaves the old one.
+        if let size = try? checkpoints.size(of: file) { checkpointBytes.withLockedValue { $0 = size } }
         guarded.withLockedValue {
             $0.snapshot = SnapshotMetadata(index: index, term: term, membership: membership)
             $0.damaged = nil

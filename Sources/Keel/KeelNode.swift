@@ -136,7 +136,9 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     /// Storage work that may block (snapshot files, install): never on the loop.
     let storageQueue = DispatchQueue(label: "keel.node.storage")
     private var snapshotting = false
-    /// The log's bytes written (since it opened) when the last snapshot started.
+    /// The log's bytes written (since it opened) when the last snapshot started. At start, minus
+    /// the bytes the log holds after the checkpoint it recovered from, so the growth since that
+    /// checkpoint counts what was written before a restart too (wrapping arithmetic).
     private var logBytesAtSnapshot: UInt64 = 0
     private var rejectedSnapshots = 0
 
@@ -230,6 +232,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         appliedIndex = storage.snapshot.index
         appliedMembership = storage.snapshot.membership
         persistedHardState = storage.hardState
+        logBytesAtSnapshot = 0 &- storage.log.bytes(after: storage.snapshot.index)
         // Judged by what is applied: a new node applying the founding entries one by one is not
         // "removed" by the first of them.
         wasMember = appliedMembership.contains(configuration.node)
@@ -890,12 +893,23 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
 
     /// Takes a snapshot when enough entries were applied since the last one, or one was asked
     /// for: the state machine's snapshot is taken on the loop, written on the storage queue.
+    /// Whether the log written since the last checkpoint is at least `snapshotLogGrowthPercent`
+    /// of that checkpoint's size (so a large state is not rewritten for every small stretch of log).
+    private func logGrewEnough(_ logBytes: UInt64) -> Bool {
+        let percent = configuration.snapshotLogGrowthPercent
+        guard percent > 0 else { return true }
+        let (needed, overflow) = UInt64(storage.newestCheckpointBytes).multipliedReportingOverflow(by: percent)
+        return !overflow && logBytes >= needed / 100
+    }
+
     private func maybeSnapshot() {
         guard !snapshotting, !closing, stopped == nil else { return }
         // (A snapshot being installed moves the storage's index before `appliedIndex` follows.)
         guard appliedIndex >= storage.snapshot.index else { return }
-        let due = appliedIndex.rawValue - storage.snapshot.index.rawValue >= configuration.snapshotInterval
-            || (configuration.snapshotLogBytes > 0 && storage.log.bytesWritten &- logBytesAtSnapshot >= configuration.snapshotLogBytes)
+        let logBytes = storage.log.bytesWritten &- logBytesAtSnapshot
+        let due = (appliedIndex.rawValue - storage.snapshot.index.rawValue >= configuration.snapshotInterval
+                   || (configuration.snapshotLogBytes > 0 && logBytes >= configuration.snapshotLogBytes))
+            && logGrewEnough(logBytes)
         // Our newest checkpoint failed verification when a follower was to receive it: write a
         // fresh one (at the same index if nothing was applied since) instead of sending bad bytes;
         // once per index, so a file that can never verify is not rewritten forever.

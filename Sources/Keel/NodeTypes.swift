@@ -116,10 +116,15 @@ public struct NodeConfiguration: Sendable {
     public var requestTimeoutMilliseconds: Int64 = 5000
     /// Take a snapshot (a checkpoint, then log compaction) after this many applied entries.
     public var snapshotInterval: UInt64 = 10_000
-    /// Also take one once this node's log has grown by this many bytes since the last one it took
-    /// (0: no such trigger). Counted from when the node started (a restart replays what it holds,
-    /// and `snapshotInterval` still bounds that).
+    /// Also take one once this node's log has grown by this many bytes since the last checkpoint
+    /// (0: no such trigger). What the log held after that checkpoint when the node started counts.
     public var snapshotLogBytes: UInt64 = 0
+    /// A snapshot that `snapshotInterval` or `snapshotLogBytes` makes due waits until the log
+    /// written since the last checkpoint is also at least this percentage of that checkpoint's
+    /// file size (0: no such wait). This bounds the checkpoint bytes written per log byte on a
+    /// large state (100: at most one checkpoint byte per log byte) at the cost of a longer log to
+    /// replay at restart (up to this percentage of the checkpoint). `checkpoint()` does not wait.
+    public var snapshotLogGrowthPercent: UInt64 = 0
     /// The largest command `propose` accepts, in bytes: an entry must fit in one peer message
     /// (under the transport's 16 MiB frame limit) to reach the other nodes.
     public var commandSizeMax = 8 << 20
@@ -158,6 +163,7 @@ public struct NodeConfiguration: Sendable {
         guard (1...60_000).contains(tickMilliseconds) else { throw .invalidArgument("tickMilliseconds must be in 1...60000") }
         guard requestTimeoutMilliseconds > 0 else { throw .invalidArgument("requestTimeoutMilliseconds must be positive") }
         guard (1...(UInt64(1) << 62)).contains(snapshotInterval) else { throw .invalidArgument("snapshotInterval must be in 1...2^62") }
+        guard snapshotLogGrowthPercent <= 1_000_000 else { throw .invalidArgument("snapshotLogGrowthPercent must be at most 1000000") }
         guard promotionLagEntries <= UInt64(1) << 62 else { throw .invalidArgument("promotionLagEntries must be at most 2^62") }
         guard (1...(12 << 20)).contains(commandSizeMax) else { throw .invalidArgument("commandSizeMax must be in 1...12 MiB (a peer frame is at most 16 MiB)") }
         guard log.fsyncPolicy == .always || allowUnsyncedLog else {

@@ -331,6 +331,9 @@ extension RESPConnection {
             ("client-query-buffer-limit", String(configuration.limits.queryBufferMax)), ("dir", configuration.dataDirectory),
             ("requirepass", configuration.requirePassword == nil ? "" : "********"), ("timeout", "0"), ("tcp-keepalive", "300"),
             ("cluster-enabled", "no"), ("replica-read-only", "yes"),
+            // Checkpoints play the part of AOF rewrites.
+            ("auto-aof-rewrite-percentage", String(configuration.checkpointLogGrowth)),
+            ("auto-aof-rewrite-min-size", String(configuration.checkpointLogBytes)),
         ]
         var pairs: [(Reply, Reply)] = []
         for pattern in a.dropFirst() {

@@ -21,6 +21,10 @@ public struct ServerConfiguration: Sendable {
     /// Log bytes written between checkpoints (as Redis rewrites its AOF at 64 MiB); 0 turns this
     /// trigger off.
     public var checkpointLogBytes: UInt64 = 64 << 20
+    /// A checkpoint that either trigger makes due also waits until the log written since the last
+    /// one is this percentage of that checkpoint's size (as Redis's auto-aof-rewrite-percentage);
+    /// 0 turns this off.
+    public var checkpointLogGrowth: UInt64 = 100
     /// The size at which a log segment is sealed and the next begun (64 MiB). Smaller segments
     /// rotate, and give disk space back, sooner; `keel torture` uses 1 MiB to meet a full disk.
     public var logSegmentBytes = 64 << 20
@@ -62,6 +66,7 @@ public struct ServerConfiguration: Sendable {
         guard (1...65535).contains(peerPort) else { throw .invalidArgument("--peer-port must be in 1...65535") }
         guard (1 << 20...1 << 30).contains(logSegmentBytes) else { throw .invalidArgument("--log-segment-bytes must be in 1048576...1073741824") }
         guard checkpointEntries >= 1 else { throw .invalidArgument("--checkpoint-entries must be at least 1") }
+        guard checkpointLogGrowth <= 1_000_000 else { throw .invalidArgument("--checkpoint-log-growth must be in 0...1000000") }
         guard (1...128).contains(ioThreads) else { throw .invalidArgument("--io-threads must be in 1...128") }
         guard (1...1_000_000).contains(maxClients) else { throw .invalidArgument("--maxclients must be in 1...1000000") }
         guard limits.bulkLengthMax >= 1, limits.multibulkLengthMax >= 1, limits.inlineLengthMax >= 16, limits.queryBufferMax >= 1024 else {
@@ -78,6 +83,7 @@ public struct ServerConfiguration: Sendable {
         configuration.routes = peerRoutes
         configuration.snapshotInterval = checkpointEntries
         configuration.snapshotLogBytes = checkpointLogBytes
+        configuration.snapshotLogGrowthPercent = checkpointLogGrowth
         configuration.tickMilliseconds = tickMilliseconds
         configuration.log.fsyncPolicy = fsync
         configuration.log.segmentSize = logSegmentBytes

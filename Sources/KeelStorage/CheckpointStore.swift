@@ -99,6 +99,16 @@ public struct CheckpointStore: Sendable {
         return CheckpointFile(name: name, index: metadata.index, term: metadata.term)
     }
 
+    /// The size in bytes of a checkpoint file.
+    public func size(of file: CheckpointFile) throws(StorageError) -> Int {
+        let path = joinPath(directory, file.name)
+        do {
+            let handle = try fileSystem.open(path, options: [.readOnly])
+            defer { fileSystem.close(handle) }
+            return try fileSystem.size(of: handle)
+        } catch { throw .fileSystem(error) }
+    }
+
     private func wrap(_ error: FileSystemError) -> StorageError {
         error.kind == .noSpace ? .noSpace(error) : .fileSystem(error)
     }

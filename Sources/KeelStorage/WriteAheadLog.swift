@@ -537,6 +537,20 @@ public final class WriteAheadLog: @unchecked Sendable {
     /// Bytes written to segments since the log was opened.
     public var bytesWritten: UInt64 { table.withLock { $0.bytesWritten } }
 
+    /// Bytes the segments hold after `index`: the records of later entries, and any hard state
+    /// and sync markers among them (what a restart would replay on top of a checkpoint at `index`).
+    public func bytes(after index: LogIndex) -> UInt64 {
+        table.withLock { table in
+            var total: UInt64 = 0
+            for segment in table.segments where segment.lastIndex > index || segment.firstIndex > index {
+                let position = index.rawValue < segment.firstIndex.rawValue ? 0 : Int(index.rawValue &+ 1 &- segment.firstIndex.rawValue)
+                let start = position < segment.offsets.count ? Int(segment.offsets[position]) : segment.dataEnd
+                total += UInt64(max(0, segment.dataEnd - max(start, LogFormat.segmentHeaderSize)))
+            }
+            return total
+        }
+    }
+
     /// fdatasync calls on segments since the log was opened.
     public var syncCount: UInt64 { table.withLock { $0.syncCount } }
 

@@ -32,6 +32,7 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .customLong("http-port"), help: "HTTP port for /metrics, /health and the status page (0 turns it off; default 0).") var httpPort: Int?
     @Option(name: .customLong("checkpoint-entries"), help: "Applied entries between checkpoints (default 1000000).") var checkpointEntries: UInt64?
     @Option(name: .customLong("checkpoint-log-bytes"), help: "Log bytes written between checkpoints (default 67108864; 0 turns this trigger off).") var checkpointLogBytes: UInt64?
+    @Option(name: .customLong("checkpoint-log-growth"), help: "A due checkpoint also waits until the log since the last one is this percentage of that checkpoint's size (default 100; 0 turns this off).") var checkpointLogGrowth: UInt64?
     @Option(name: .customLong("log-segment-bytes"), help: "Size at which a log segment is sealed and the next begun (default 67108864; 1 MiB to 1 GiB).") var logSegmentBytes: Int?
     @Option(help: "Most client connections (default 10000).") var maxclients: Int?
     @Option(name: .customLong("proto-max-bulk-len"), help: "Longest bulk string in bytes (default 536870912).") var protoMaxBulkLen: Int?
@@ -70,6 +71,7 @@ struct Serve: AsyncParsableCommand {
         settings.httpPort = try number(httpPort, "http-port") ?? settings.httpPort
         settings.checkpointEntries = try number(checkpointEntries, "checkpoint-entries") ?? settings.checkpointEntries
         settings.checkpointLogBytes = try number(checkpointLogBytes, "checkpoint-log-bytes") ?? settings.checkpointLogBytes
+        settings.checkpointLogGrowth = try number(checkpointLogGrowth, "checkpoint-log-growth") ?? settings.checkpointLogGrowth
         settings.logSegmentBytes = try number(logSegmentBytes, "log-segment-bytes") ?? settings.logSegmentBytes
         settings.maxClients = try number(maxclients, "maxclients") ?? settings.maxClients
         settings.limits.bulkLengthMax = try number(protoMaxBulkLen, "proto-max-bulk-len") ?? settings.limits.bulkLengthMax

@@ -27,6 +27,24 @@ struct WriteAheadLogTests {
         #expect(throws: StorageError.self) { try log.entry(at: LogIndex(201)) }
     }
 
+    @Test("bytes(after:) counts the records after an index, across segments")
+    func bytesAfterIndex() async throws {
+        let log = try openLog(SimulatedFileSystem(seed: 4))
+        defer { log.close() }
+        for i in 1...200 {
+            _ = try await log.append(term: Term(1), payload: [UInt8](repeating: UInt8(i & 0xFF), count: 100 + i % 7))
+        }
+        #expect(log.segmentNames.count > 3)
+        #expect(log.bytes(after: LogIndex(200)) == 0)
+        #expect(log.bytes(after: LogIndex(500)) == 0)
+        #expect(log.bytes(after: .zero) <= log.bytesWritten)
+        for i in 0..<200 {
+            // Each entry's record holds at least its payload, so the count falls by at least that.
+            let step = log.bytes(after: LogIndex(UInt64(i))) - log.bytes(after: LogIndex(UInt64(i + 1)))
+            #expect(step >= UInt64(100 + (i + 1) % 7), "entry \(i + 1)")
+        }
+    }
+
     @Test("a sealed segment is trimmed to its last record; only the newest is preallocated")
     func sealedSegmentsAreTrimmed() async throws {
         let fs = SimulatedFileSystem(seed: 3)

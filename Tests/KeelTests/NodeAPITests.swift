@@ -129,6 +129,79 @@ struct NodeAPITests {
         try await group.shutdownGracefully()
     }
 
+    /// Proposes `count` entries of 4 KB, each to a new key (so the state, and its checkpoints,
+    /// grow as the log does), and returns the snapshot indexes seen after each, in order.
+    func proposeDistinct(_ node: KeelNode<TestMachine>, from first: Int, count: Int) async throws -> [UInt64] {
+        var seen: [UInt64] = []
+        var proposed = 0
+        while proposed < count {
+            do {
+                _ = try await node.propose(Array("set k\(first + proposed) \(String(repeating: "v", count: 4000))".utf8))
+                proposed += 1
+            } catch NodeError.noLeader {
+                try await Task.sleep(for: .milliseconds(20))
+            }
+            let index = try await node.status().snapshotIndex.rawValue
+            if index > 0, index != seen.last { seen.append(index) }
+        }
+        return seen
+    }
+
+    @Test("with snapshotLogGrowthPercent, a due checkpoint waits until the log has grown by that share of the last checkpoint")
+    func checkpointByLogGrowth() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let base = NSTemporaryDirectory() + "keel-growth-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        let ports = try await freePorts(2, group: group)
+        var taken: [UInt64: [UInt64]] = [:]
+        for (id, percent) in [(UInt64(1), UInt64(100)), (2, 0)] {
+            var configuration = settings(id, base, members: [NodeID(id): address(ports[Int(id) - 1])])
+            configuration.snapshotInterval = 1_000_000
+            configuration.snapshotLogBytes = 64 << 10
+            configuration.snapshotLogGrowthPercent = percent
+            let node = try await KeelNode.start(configuration: configuration, machine: TestMachine(), group: group, logger: silentLogger)
+            taken[percent] = try await proposeDistinct(node, from: 0, count: 300)
+            await node.shutdown()
+        }
+        let growing = taken[100]!, fixed = taken[0]!
+        // 64 KB triggers the first; each later one waits for as much log as the last checkpoint
+        // holds (about 16, 32, 64, 128, 256 entries; polling may miss one, which only widens a gap).
+        #expect(growing.count >= 3, "checkpoints with growth 100: \(growing)")
+        for (a, b) in zip(growing, growing.dropFirst()) {
+            #expect(b - a >= a / 2, "checkpoint at \(b) came \(b - a) entries after one holding \(a): \(growing)")
+        }
+        // Without the growth condition, one every 64 KB (about 16 entries).
+        #expect(fixed.count > growing.count, "growth 0: \(fixed); growth 100: \(growing)")
+        #expect(zip(fixed, fixed.dropFirst()).contains { a, b in b - a < a / 2 }, "growth 0: \(fixed)")
+        try await group.shutdownGracefully()
+    }
+
+    @Test("the log a node holds after its checkpoint when it starts counts toward snapshotLogBytes")
+    func checkpointCountsLogFromBeforeRestart() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let base = NSTemporaryDirectory() + "keel-held-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        let ports = try await freePorts(1, group: group)
+        var configuration = settings(1, base, members: [NodeID(1): address(ports[0])])
+        configuration.snapshotInterval = 1_000_000
+        configuration.snapshotLogBytes = 256 << 10
+        var node = try await KeelNode.start(configuration: configuration, machine: TestMachine(), group: group, logger: silentLogger)
+        let before = try await proposeDistinct(node, from: 0, count: 50)
+        #expect(before.isEmpty, "200 KB of log is under the 256 KB trigger: \(before)")
+        await node.shutdown()
+        // 200 KB held, 80 KB more written after the restart: past 256 KB since the (initial) checkpoint.
+        node = try await KeelNode.start(configuration: configuration, machine: TestMachine(), group: group, logger: silentLogger)
+        _ = try await proposeDistinct(node, from: 50, count: 20)
+        var snapshotted = false
+        for _ in 0..<100 where !snapshotted {
+            snapshotted = try await node.status().snapshotIndex > .zero
+            if !snapshotted { try await Task.sleep(for: .milliseconds(20)) }
+        }
+        #expect(snapshotted, "280 KB of log since the last checkpoint, 200 KB of it from before the restart")
+        await node.shutdown()
+        try await group.shutdownGracefully()
+    }
+
     @Test("a single node grows to three members at run time, then shrinks, and hands over leadership")
     func growAndShrink() async throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
