@@ -115,6 +115,9 @@ def basic(port, protocol):
     check("checker" in str(r.client_list()), "CLIENT LIST")
     check(r.client_info().get("cmd") == "client", "CLIENT INFO shows its own command: %s" % r.client_info())
     check(r.config_get("appendfsync").get("appendfsync") in ("always", "everysec", "never"), "CONFIG GET")
+    rewrite = r.config_get("auto-aof-rewrite-*")
+    check(rewrite == {"auto-aof-rewrite-percentage": "100", "auto-aof-rewrite-min-size": "67108864"},
+          "CONFIG GET shows the checkpoint triggers under Redis's names: %s" % rewrite)
     check(len(r.time()) == 2, "TIME")
     check(r.echo("hi") == "hi", "ECHO")
     check(r.command_count() > 40, "COMMAND COUNT")
