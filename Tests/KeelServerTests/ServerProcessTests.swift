@@ -456,13 +456,15 @@ extension Process {
 }
 
 extension ServerProcessTests {
-    @Test("bad values for --log-segment-bytes, --peer-routes and keel torture's flags are refused with a clear error")
+    @Test("bad values for --log-segment-bytes, --checkpoint-log-growth, --peer-routes and keel torture's flags are refused with a clear error")
     func badFlags() async throws {
         let keel = products() + "/keel"
         let directory = temporaryDirectory("flags")
         defer { try? FileManager.default.removeItem(atPath: directory) }
         let small = await runTool(keel, ["serve", "--port", String(freePort()), "--data-dir", directory, "--log-segment-bytes", "4096"])
         #expect(small.status != 0 && small.output.contains("--log-segment-bytes must be in 1048576...1073741824"), "\(small.output)")
+        let growth = await runTool(keel, ["serve", "--port", String(freePort()), "--data-dir", directory, "--checkpoint-log-growth", "1000001"])
+        #expect(growth.status != 0 && growth.output.contains("--checkpoint-log-growth must be in 0...1000000"), "\(growth.output)")
         let routes = await runTool(keel, ["serve", "--port", String(freePort()), "--data-dir", directory, "--peer-routes", "2=nowhere"])
         #expect(routes.status != 0 && routes.output.contains("--peer-routes takes id=host:port items"), "\(routes.output)")
         let nodes = await runTool(keel, ["torture", "--nodes", "2", "--work-dir", directory + "/torture"])
