@@ -94,7 +94,8 @@ public final class DurableRaftStorage: RaftStorage, @unchecked Sendable {
                 let (membership, rest) = try decodeSnapshotBody(body, file: file.name)
                 snapshot = SnapshotMetadata(index: metadata.index, term: metadata.term, membership: membership)
                 state = rest
-                checkpointBytes = try checkpoints.size(of: file)
+                // Only the growth trigger reads the size (the body just read is nearly all of it).
+                checkpointBytes = (try? checkpoints.size(of: file)) ?? body.count
             }
             var hardState = try decodeHardState(log.hardState) ?? HardState(term: snapshot.term, votedFor: nil, commit: snapshot.index)
             // A commit index is never ahead of what this node holds (Raft re-learns it from the leader).
@@ -340,12 +341,13 @@ public final class DurableRaftStorage: RaftStorage, @unchecked Sendable {
         recent.withLockedValue { $0 = RecentEntries() }
         _ = try outcome.withLockedValue { $0 }!.get()
         snapshot = SnapshotMetadata(index: metadata.index, term: metadata.term, membership: state.membership)
+        checkpointBytes.withLockedValue { $0 = state.fileSize }
         _ = try checkpoints.prune(keep: 2)
         return state.bytes
     }
 
     /// Verifies the received file and publishes it as a checkpoint.
-    private func publishIncoming(_ metadata: SnapshotMetadata) throws(StorageError) -> (membership: Membership, bytes: [UInt8]) {
+    private func publishIncoming(_ metadata: SnapshotMetadata) throws(StorageError) -> (membership: Membership, bytes: [UInt8], fileSize: Int) {
         let temporary = directory.checkpointsPath + "/" + Self.incomingName
         let final = directory.checkpointsPath + "/" + CheckpointFormat.fileName(index: metadata.index, term: metadata.term)
         let bytes: [UInt8]
@@ -362,8 +364,7 @@ public final class DurableRaftStorage: RaftStorage, @unchecked Sendable {
             try fileSystem.rename(temporary, to: final)
             try fileSystem.synchronizeDirectory(directory.checkpointsPath)
         } catch { throw .fileSystem(error) }
-        checkpointBytes.withLockedValue { $0 = bytes.count }
-        return (membership, state)
+        return (membership, state, bytes.count)
     }
 
     /// Installs a snapshot whose chunks were all received: verifies the file, publishes it as a
@@ -382,6 +383,7 @@ public final class DurableRaftStorage: RaftStorage, @unchecked Sendable {
         recent.withLockedValue { $0 = RecentEntries() }
         _ = try result.get()
         snapshot = SnapshotMetadata(index: metadata.index, term: metadata.term, membership: state.membership)
+        checkpointBytes.withLockedValue { $0 = state.fileSize }
         _ = try checkpoints.prune(keep: 2)
         return state.bytes
     }

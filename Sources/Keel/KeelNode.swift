@@ -16,7 +16,8 @@
 // Storage: a Ready of entries and hard state is queued straight to the log's writer thread (the
 // call does not block); snapshot chunks, installs and checkpoints run on the storage queue.
 //
-// Snapshots: after `snapshotInterval` applied entries (or on `checkpoint()`), the state machine's
+// Snapshots: after `snapshotInterval` applied entries or `snapshotLogBytes` of log, once the log
+// has also grown by `snapshotLogGrowthPercent` of the last checkpoint (or on `checkpoint()`), the state machine's
 // O(1) snapshot is taken on the loop and written as a checkpoint on the storage queue, and the log
 // is compacted; a follower that needs compacted entries receives the checkpoint file in chunks,
 // installs it once it verifies, and restores the state machine from it. A received snapshot that
@@ -136,9 +137,10 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     /// Storage work that may block (snapshot files, install): never on the loop.
     let storageQueue = DispatchQueue(label: "keel.node.storage")
     private var snapshotting = false
-    /// The log's bytes written (since it opened) when the last snapshot started. At start, minus
-    /// the bytes the log holds after the checkpoint it recovered from, so the growth since that
-    /// checkpoint counts what was written before a restart too (wrapping arithmetic).
+    /// The log's bytes written (since it opened) when the last snapshot started or a received one
+    /// was installed. At start, the bytes written so far minus those the log holds after the
+    /// checkpoint it recovered from, so the growth since that checkpoint counts what was written
+    /// before a restart too (wrapping arithmetic).
     private var logBytesAtSnapshot: UInt64 = 0
     private var rejectedSnapshots = 0
 
@@ -232,7 +234,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         appliedIndex = storage.snapshot.index
         appliedMembership = storage.snapshot.membership
         persistedHardState = storage.hardState
-        logBytesAtSnapshot = 0 &- storage.log.bytes(after: storage.snapshot.index)
+        logBytesAtSnapshot = storage.log.bytesWritten &- storage.log.bytes(after: storage.snapshot.index)
         // Judged by what is applied: a new node applying the founding entries one by one is not
         // "removed" by the first of them.
         wasMember = appliedMembership.contains(configuration.node)
@@ -799,6 +801,8 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
                 transport.updatePeers(Self.dialTable(addresses, configuration))
                 appliedIndex = snapshot.index
                 appliedMembership = snapshot.membership
+                // The log before it was thrown away: growth counts from here.
+                logBytesAtSnapshot = storage.log.bytesWritten
                 noteMembership(snapshot.membership)
             } catch {
                 return stop("a received snapshot does not restore: \(error)")

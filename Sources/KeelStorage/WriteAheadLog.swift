@@ -542,10 +542,16 @@ public final class WriteAheadLog: @unchecked Sendable {
     public func bytes(after index: LogIndex) -> UInt64 {
         table.withLock { table in
             var total: UInt64 = 0
-            for segment in table.segments where segment.lastIndex > index || segment.firstIndex > index {
-                let position = index.rawValue < segment.firstIndex.rawValue ? 0 : Int(index.rawValue &+ 1 &- segment.firstIndex.rawValue)
-                let start = position < segment.offsets.count ? Int(segment.offsets[position]) : segment.dataEnd
-                total += UInt64(max(0, segment.dataEnd - max(start, LogFormat.segmentHeaderSize)))
+            for segment in table.segments {
+                let start: Int
+                if segment.firstIndex > index {
+                    start = LogFormat.segmentHeaderSize // all of it (a hard state record may precede its first entry)
+                } else if segment.lastIndex > index {
+                    start = Int(segment.offsets[Int(index.rawValue &+ 1 &- segment.firstIndex.rawValue)])
+                } else {
+                    continue
+                }
+                total += UInt64(max(0, segment.dataEnd - start))
             }
             return total
         }

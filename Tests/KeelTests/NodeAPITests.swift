@@ -192,12 +192,24 @@ struct NodeAPITests {
         // 200 KB held, 80 KB more written after the restart: past 256 KB since the (initial) checkpoint.
         node = try await KeelNode.start(configuration: configuration, machine: TestMachine(), group: group, logger: silentLogger)
         _ = try await proposeDistinct(node, from: 50, count: 20)
-        var snapshotted = false
-        for _ in 0..<100 where !snapshotted {
-            snapshotted = try await node.status().snapshotIndex > .zero
-            if !snapshotted { try await Task.sleep(for: .milliseconds(20)) }
-        }
+        let snapshotted = try await eventually { try await node.status().snapshotIndex > .zero }
         #expect(snapshotted, "280 KB of log since the last checkpoint, 200 KB of it from before the restart")
+        await node.shutdown()
+
+        // Only the log after the checkpoint counts: 200 KB, a checkpoint, 40 KB, a restart, 80 KB
+        // more is 120 KB since it (the log before it is still held: one checkpoint compacts nothing).
+        configuration.dataDirectory = base + "/node2"
+        node = try await KeelNode.start(configuration: configuration, machine: TestMachine(), group: group, logger: silentLogger)
+        _ = try await proposeDistinct(node, from: 0, count: 50)
+        let checkpoint = try await node.checkpoint()
+        _ = try await proposeDistinct(node, from: 50, count: 10)
+        await node.shutdown()
+        node = try await KeelNode.start(configuration: configuration, machine: TestMachine(), group: group, logger: silentLogger)
+        let after = try await proposeDistinct(node, from: 60, count: 20)
+        try await Task.sleep(for: .milliseconds(200))
+        let final = try await node.status().snapshotIndex
+        #expect(after == [checkpoint.rawValue] && final == checkpoint,
+                "120 KB since the checkpoint at \(checkpoint) is under the 256 KB trigger: \(after)")
         await node.shutdown()
         try await group.shutdownGracefully()
     }
