@@ -109,6 +109,7 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
         server.clients.withLockedValue { $0[id] = nil }
         closing = true
         pending.removeAll()
+        unsent.removeAll()
         unread = nil
         context.fireChannelInactive()
     }
@@ -128,12 +129,7 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
             // Elements of a large request already taken: give their bytes back.
             unread!.discardReadBytes()
         }
-        if pending.count >= Self.pendingMax, !paused {
-            // Backpressure: parsed requests waiting behind a slow one are bounded; stop reading
-            // the socket until they drain (the kernel's buffers then push back on the client).
-            paused = true
-            context.channel.setOption(ChannelOptions.autoRead, value: false).whenFailure { _ in }
-        }
+        updateReading()
         // Handled when the read is complete: everything one read brought is grouped (and
         // answered with one write).
     }
@@ -143,11 +139,44 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
         context.fireChannelReadComplete()
     }
 
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable, awaitingWritable {
+            awaitingWritable = false
+            drainUnsent()
+            flush()
+            if !busy { pump() }
+            updateReading()
+        }
+        context.fireChannelWritabilityChanged()
+    }
+
+    /// Backpressure on both sides, so that a client costs bounded memory however it behaves: the
+    /// socket is not read while `pendingMax` parsed requests wait (behind a slow one), nor while
+    /// replies the client has not taken fill the channel's buffer past its high watermark; the
+    /// kernel's buffers then push back on the client. Reading resumes once the requests are down
+    /// to a quarter and the replies have drained.
+    private func updateReading() {
+        guard let context else { return }
+        let read = !awaitingWritable && pending.count < (paused ? Self.pendingMax / 4 : Self.pendingMax)
+        guard read == paused else { return }
+        paused = !read
+        context.channel.setOption(ChannelOptions.autoRead, value: read).whenFailure { _ in }
+    }
+
     /// The most reads of one group served on the connection's own loop (see `runKeyValue`).
     static let directReadsMax = 4
     /// Parsed requests kept waiting before the socket stops being read.
     static let pendingMax = 4096
+    /// Replies are handed to the channel once this many bytes wait in `output` (besides at the
+    /// end of every burst): requests stop being handled while the client does not take them, and
+    /// no buffer nears ByteBuffer's 4 GiB limit (a long MGET of large values included).
+    static let outputChunkBytes = 1 << 20
     private var paused = false
+    /// Replies filled the channel past its high watermark: requests wait until it drains.
+    private var awaitingWritable = false
+    /// Replies of requests already handled (a group of reads) held back meanwhile, as values: the
+    /// bytes they show are shared with the store, not copied into buffers.
+    private var unsent = Deque<Reply>()
     private var pumping = false
     /// Counted here and added to the server's counters once per burst.
     private var processed = 0
@@ -169,12 +198,9 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
         pumping = true
         defer {
             pumping = false
-            if paused, pending.count < Self.pendingMax / 4, let context {
-                paused = false
-                context.channel.setOption(ChannelOptions.autoRead, value: true).whenFailure { _ in }
-            }
+            updateReading()
         }
-        while !busy, !closing, let request = pending.popFirst() {
+        while !busy, !closing, !awaitingWritable, let request = pending.popFirst() {
             switch request {
             case .protocolError(let message):
                 write(.error(message))
@@ -212,20 +238,48 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
 
     func write(_ reply: Reply) {
         if reply.isError { errors += 1 }
-        guard let context else { return }
-        if output == nil { output = context.channel.allocator.buffer(capacity: 256) }
-        output!.writeReply(reply, protocol: protocolVersion)
+        if awaitingWritable || !unsent.isEmpty { return unsent.append(reply) }
+        append(reply)
     }
 
+    /// Writes held-back replies until the channel fills up again.
+    private func drainUnsent() {
+        while !awaitingWritable, let reply = unsent.popFirst() { append(reply) }
+    }
+
+    private func append(_ reply: Reply) {
+        // (A flush may have closed the channel: a failed write closes it at once.)
+        guard let context else { return }
+        if output == nil { output = context.channel.allocator.buffer(capacity: 256) }
+        switch reply {
+        case .array(let items?) where items.count > 1:
+            // Element by element, so that a large aggregate is handed over in pieces.
+            output!.writeAggregateHeader(items.count, map: false, protocol: protocolVersion)
+            for item in items { append(item) }
+        case .map(let pairs) where !pairs.isEmpty:
+            output!.writeAggregateHeader(pairs.count, map: true, protocol: protocolVersion)
+            for (key, value) in pairs {
+                append(key)
+                append(value)
+            }
+        default:
+            output!.writeReply(reply, protocol: protocolVersion)
+            if output!.readableBytes >= Self.outputChunkBytes { flush() }
+        }
+    }
+
+    /// Hands the replies written so far to the channel (and the socket).
     private func flush() {
         guard let context, let buffer = output else { return }
         output = nil
         context.writeAndFlush(wrapOutboundOut(buffer), promise: nil)
+        if !context.channel.isWritable { awaitingWritable = true }
     }
 
     func closeAfterFlush() {
         closing = true
         pending.removeAll()
+        while let reply = unsent.popFirst() { append(reply) }
         flush()
         context?.close(promise: nil)
     }

@@ -11,6 +11,19 @@ extension ByteBuffer {
             ? String(text.map { $0 == "\r" || $0 == "\n" || $0 == "\r\n" ? " " : $0 }) : text
     }
 
+    /// The line that opens an array of `count` items, or a map of `count` pairs (a flat array of
+    /// twice as many items in RESP2).
+    mutating func writeAggregateHeader(_ count: Int, map: Bool, protocol version: Int) {
+        if map && version >= 3 {
+            writeStaticString("%")
+            writeString(String(count))
+        } else {
+            writeStaticString("*")
+            writeString(String(map ? count * 2 : count))
+        }
+        writeStaticString("\r\n")
+    }
+
     /// Writes a reply in protocol version 2 or 3.
     mutating func writeReply(_ reply: Reply, protocol version: Int) {
         switch reply {

@@ -165,6 +165,22 @@ struct ServerProcessTests {
         _ = await server.stop()
     }
 
+    @Test("a client that pipelines large GETs and reads nothing costs bounded memory, and gets every reply once it reads")
+    func slowReader() async throws {
+        // Before backpressure on replies the server copied all of them into its buffers (2 GiB
+        // here), and a connection's buffer past 4 GiB crashed it.
+        for threads in ["1", "2"] {
+            let directory = temporaryDirectory("slow-reader-\(threads)")
+            defer { try? FileManager.default.removeItem(atPath: directory) }
+            let server = ServerProcess(directory: directory, extra: ["--io-threads", threads])
+            try await server.start()
+            let result = await runTool(which("python3"), [checks, "slow-reader", String(server.port)])
+            #expect(result.status == 0 && result.output.contains("ok"), "--io-threads \(threads): \(result.output)")
+            #expect(await server.cli("PING") == "PONG", "the server still serves")
+            _ = await server.stop()
+        }
+    }
+
     @Test("redis-py over RESP2 and RESP3, malformed protocol on raw sockets, and requirepass")
     func redisPy() async throws {
         let directory = temporaryDirectory("py")

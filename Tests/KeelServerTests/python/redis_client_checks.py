@@ -9,6 +9,7 @@ usage:
   redis_client_checks.py writer-limit N PORT...     the same for N writes
   redis_client_checks.py verify FILE PORT...        every acknowledged key (numbers in FILE) is present, read linearizably
   redis_client_checks.py http PORT HTTPPORT         /health, /metrics (Prometheus text format), the status page, 404
+  redis_client_checks.py slow-reader PORT           a client that pipelines large GETs and reads nothing costs bounded memory
 Exits 0 when every check passes; prints the failing check and exits 1 otherwise.
 """
 import os
@@ -337,6 +338,50 @@ def pipelined_failures(port):
     print("ok", flush=True)
 
 
+def slow_reader(port):
+    """A client that pipelines GETs of a 1 MiB value and reads nothing costs the server bounded
+    memory; the replies all arrive once it reads, and other clients are served meanwhile."""
+    r = redis.Redis(port=port, socket_timeout=30)
+    value = os.urandom(1 << 20)
+    check(r.set("big", value), "SET big")
+    before = int(r.info("memory")["used_memory_rss"])
+    count = 2000
+    one = b"*2\r\n$3\r\nGET\r\n$3\r\nbig\r\n"
+    s = socket.create_connection(("127.0.0.1", port))
+    s.setblocking(False)
+    data, offset, deadline = one * count, 0, time.time() + 30
+    while offset < len(data) and time.time() < deadline:
+        try:
+            offset += s.send(data[offset:offset + 65536])
+        except BlockingIOError:
+            time.sleep(0.01)
+    check(offset == len(data), "all %d requests sent (%d bytes of %d)" % (count, offset, len(data)))
+    time.sleep(2)
+    check(r.ping(), "another client is served while one does not read")
+    grown = int(r.info("memory")["used_memory_rss"]) - before
+    # Without backpressure every reply is copied into the connection's buffers: 2 GiB here.
+    check(grown < 256 << 20, "the server grew by %d bytes for a client that reads nothing" % grown)
+    s.setblocking(True)
+    s.settimeout(60)
+    reply = b"$%d\r\n" % len(value) + value + b"\r\n"
+    expected, received, mismatched = len(reply) * count, 0, 0
+    pending = b""
+    while received < expected:
+        chunk = s.recv(1 << 22)
+        if not chunk:
+            break
+        received += len(chunk)
+        pending += chunk
+        while len(pending) >= len(reply):
+            mismatched += pending[:len(reply)] != reply
+            pending = pending[len(reply):]
+    check(received == expected and mismatched == 0 and not pending,
+          "all %d replies intact once read (%d of %d bytes, %d differ)" % (count, received, expected, mismatched))
+    s.sendall(b"PING\r\n")
+    check(s.recv(64) == b"+PONG\r\n", "the slow reader's connection still works")
+    print("ok", flush=True)
+
+
 if __name__ == "__main__":
     command = sys.argv[1]
     if command == "basic":
@@ -355,6 +400,8 @@ if __name__ == "__main__":
         full_disk(int(sys.argv[2]), sys.argv[3])
     elif command == "pipelined-failures":
         pipelined_failures(int(sys.argv[2]))
+    elif command == "slow-reader":
+        slow_reader(int(sys.argv[2]))
     elif command == "verify":
         verify(sys.argv[2], [int(p) for p in sys.argv[3:]])
     else:
