@@ -53,6 +53,11 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
     /// The database a SELECT inside the transaction chose (for the commands queued after it, and
     /// for the connection once EXEC runs).
     var transactionDatabase: Int?
+    /// About the bytes the queued commands (and their locally answered replies) and the watched
+    /// keys take in the transaction's log entry: both must fit in one (`commandSizeMax`), so
+    /// nothing past that is kept (a client could otherwise queue or watch without bound).
+    var queuedBytes = 0
+    var watchedBytes = 0
     var watched: [KVEntry.WatchedKey] = []
     private var pending = Deque<RESPRequest>()
     private var busy = false
@@ -390,8 +395,32 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
             transactionFailed = true
             return write(.error("ERR keel: '\(name)' cannot be queued in a transaction (its reply would differ between replicas)"))
         }
+        guard admitToTransaction(name, arguments) else { return }
         transaction?.append(KVEntry.QueuedCommand(database: transactionDatabase ?? database, name: name, arguments: arguments))
         write(.simple("QUEUED"))
+    }
+
+    /// The most bytes a transaction's entry may take (watched keys and queued commands).
+    var transactionBytesMax: Int { server.node.configuration.commandSizeMax }
+
+    /// Counts a command into the transaction's size; past the limit, answers the error that will
+    /// abort it (EXECABORT) and keeps nothing more of it. A command after an earlier error is
+    /// answered QUEUED, as Redis does, but not kept either: EXEC aborts anyway.
+    private func admitToTransaction(_ name: String, _ arguments: [[UInt8]]) -> Bool {
+        let size = name.utf8.count + arguments.reduce(16) { $0 + $1.count + 8 }
+        if !transactionFailed, queuedBytes + watchedBytes + size > transactionBytesMax {
+            transactionFailed = true
+            transaction = []
+            transactionLocal = []
+            write(.error("ERR keel: the transaction is over the limit of \(transactionBytesMax) bytes (its commands and watched keys must fit in one log entry)"))
+            return false
+        }
+        guard !transactionFailed else {
+            write(.simple("QUEUED"))
+            return false
+        }
+        queuedBytes += size
+        return true
     }
 
     /// PING, ECHO and SELECT inside MULTI: answered by the connection at EXEC, in their place.
@@ -404,6 +433,7 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
             transactionFailed = true
             return write(.error("ERR wrong number of arguments for '\(name)' command"))
         }
+        guard admitToTransaction(name, arguments) else { return }
         let reply: Reply
         switch name {
         case "ping": reply = arguments.isEmpty ? .simple("PONG") : .bulk(arguments[0])

@@ -46,6 +46,8 @@ extension RESPConnection {
             transactionLocal = []
             transactionDatabase = nil
             watched = []
+            queuedBytes = 0
+            watchedBytes = 0
             database = 0
             readonly = false
             protocolVersion = 2
@@ -74,6 +76,7 @@ extension RESPConnection {
             transactionFailed = false
             transactionLocal = []
             transactionDatabase = nil
+            queuedBytes = 0
             write(.ok)
         case "discard":
             guard transaction != nil else { return write(.error("ERR DISCARD without MULTI")) }
@@ -81,18 +84,27 @@ extension RESPConnection {
             transactionLocal = []
             transactionDatabase = nil
             watched = []
+            queuedBytes = 0
+            watchedBytes = 0
             write(.ok)
         case "exec":
             exec()
         case "watch":
             guard transaction == nil else { return write(.error("ERR WATCH inside MULTI is not allowed")) }
+            let size = a.reduce(0) { $0 + $1.count + 24 }
+            guard watchedBytes + size <= transactionBytesMax else {
+                return write(.error("ERR keel: too many watched keys: they and the transaction must fit in one log entry of at most \(transactionBytesMax) bytes"))
+            }
             let database = self.database
             let keys = a
             let node = server.node
             // The revisions are read on the node's loop; `watched` changes on this connection's.
             let found = NIOLockedValueBox<[KVEntry.WatchedKey]>([])
             answerLater(then: { replies in
-                if replies.first == .ok { self.watched += found.withLockedValue { $0 } }
+                if replies.first == .ok {
+                    self.watched += found.withLockedValue { $0 }
+                    self.watchedBytes += size
+                }
             }) { done in
                 node.read(consistency: .linearizable, { store in
                     keys.map { KVEntry.WatchedKey(database: database, key: $0, revision: store.currentRevision(database: database, key: $0)) }
@@ -108,6 +120,7 @@ extension RESPConnection {
             }
         case "unwatch":
             watched = []
+            watchedBytes = 0
             write(.ok)
         case "client":
             client(a)
@@ -222,6 +235,8 @@ extension RESPConnection {
         transactionDatabase = nil
         let watched = self.watched
         self.watched = []
+        queuedBytes = 0
+        watchedBytes = 0
         if transactionFailed {
             transactionFailed = false
             return write(.error("EXECABORT Transaction discarded because of previous errors."))

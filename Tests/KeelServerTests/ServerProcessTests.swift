@@ -181,7 +181,7 @@ struct ServerProcessTests {
         }
     }
 
-    @Test("redis-py over RESP2 and RESP3, malformed protocol on raw sockets, and requirepass")
+    @Test("redis-py over RESP2 and RESP3, malformed protocol on raw sockets, transaction size limits, and requirepass")
     func redisPy() async throws {
         let directory = temporaryDirectory("py")
         defer { try? FileManager.default.removeItem(atPath: directory) }
@@ -193,6 +193,8 @@ struct ServerProcessTests {
         }
         let malformed = await runTool(which("python3"), [checks, "malformed", String(server.port)])
         #expect(malformed.status == 0, "malformed protocol: \(malformed.output)")
+        let limits = await runTool(which("python3"), [checks, "transaction-limits", String(server.port)])
+        #expect(limits.status == 0 && limits.output.contains("ok"), "transaction limits: \(limits.output)")
         #expect(await server.cli("PING") == "PONG", "the server still serves")
         _ = await server.stop()
         // The same with connections spread over two event loops (requests hop to the node's loop:

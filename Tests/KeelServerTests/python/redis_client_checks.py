@@ -9,6 +9,7 @@ usage:
   redis_client_checks.py writer-limit N PORT...     the same for N writes
   redis_client_checks.py verify FILE PORT...        every acknowledged key (numbers in FILE) is present, read linearizably
   redis_client_checks.py http PORT HTTPPORT         /health, /metrics (Prometheus text format), the status page, 404
+  redis_client_checks.py transaction-limits PORT    MULTI and WATCH past one log entry's size are refused
   redis_client_checks.py slow-reader PORT           a client that pipelines large GETs and reads nothing costs bounded memory
 Exits 0 when every check passes; prints the failing check and exits 1 otherwise.
 """
@@ -338,6 +339,51 @@ def pipelined_failures(port):
     print("ok", flush=True)
 
 
+def transaction_limits(port):
+    """A transaction and its watched keys must fit in one log entry (8 MiB): past that the server
+    answers an error, keeps nothing more, and EXEC aborts; under it, EXEC runs."""
+    r = redis.Redis(port=port, socket_timeout=30, single_connection_client=True)
+    value = b"v" * (100 << 10)
+    check(r.execute_command("MULTI") in (b"OK", "OK", True), "MULTI")
+    answers = []
+    for i in range(100):
+        try:
+            answers.append(r.execute_command("SET", "limit:%d" % i, value))
+        except redis.ResponseError as error:
+            answers.append(error)
+    errors = [a for a in answers if isinstance(a, redis.ResponseError)]
+    check(len(errors) == 1 and "over the limit of 8388608 bytes" in str(errors[0]),
+          "one error once 10 MB of commands pass 8 MiB: %s" % errors[:2])
+    check(len(answers) == 100, "every SET answered")
+    try:
+        r.execute_command("EXEC")
+        check(False, "EXEC of a transaction over the limit is refused")
+    except redis.ResponseError as error:
+        check(isinstance(error, redis.exceptions.ExecAbortError), "EXECABORT: %r" % error)
+    check(r.get("limit:0") is None, "nothing of it was applied")
+    check(r.execute_command("MULTI") in (b"OK", "OK", True), "MULTI again")
+    for i in range(70):
+        r.execute_command("SET", "limit:%d" % i, value)
+    replies = r.execute_command("EXEC")
+    check(len(replies) == 70 and r.get("limit:69") == value, "7 MB of commands fit: %d replies" % len(replies))
+    big = [b"w%d" % i + b"k" * (1 << 20) for i in range(9)]
+    try:
+        r.execute_command("WATCH", *big)
+        check(False, "WATCH of 9 MiB of keys is refused")
+    except redis.ResponseError as error:
+        check("too many watched keys" in str(error), "WATCH over the limit: %s" % error)
+    check(r.execute_command("WATCH", *big[:7]) in (b"OK", "OK", True), "7 MiB of watched keys fit")
+    try:
+        r.execute_command("WATCH", *big[7:])
+        check(False, "watching 2 MiB more is refused")
+    except redis.ResponseError as error:
+        check("too many watched keys" in str(error), "WATCH past the limit in total: %s" % error)
+    check(r.execute_command("UNWATCH") in (b"OK", "OK", True) and r.execute_command("WATCH", *big[7:]) in (b"OK", "OK", True),
+          "UNWATCH gives the room back")
+    r.execute_command("UNWATCH")
+    print("ok", flush=True)
+
+
 def slow_reader(port):
     """A client that pipelines GETs of a 1 MiB value and reads nothing costs the server bounded
     memory; the replies all arrive once it reads, and other clients are served meanwhile."""
@@ -400,6 +446,8 @@ if __name__ == "__main__":
         full_disk(int(sys.argv[2]), sys.argv[3])
     elif command == "pipelined-failures":
         pipelined_failures(int(sys.argv[2]))
+    elif command == "transaction-limits":
+        transaction_limits(int(sys.argv[2]))
     elif command == "slow-reader":
         slow_reader(int(sys.argv[2]))
     elif command == "verify":
