@@ -2,6 +2,7 @@
 // commands (what a person types into telnet), with Redis's limits and error texts. A protocol
 // error is reported once and the connection is closed after the reply, as Redis does.
 
+import KeelCore
 import NIOCore
 
 /// Limits on what a client may send.
@@ -387,7 +388,7 @@ func lowercasedASCII(_ bytes: [UInt8]) -> [UInt8] { bytes.map { $0 >= 65 && $0 <
 /// Whether the credentials, as sent, are the default user's required password (bytes compared).
 func credentialsMatch(user: [UInt8], password: [UInt8], required: [UInt8]?) -> Bool {
     guard let required else { return false }
-    return user == Array("default".utf8) && password == required
+    return user == Array("default".utf8) && constantTimeEquals(password, required)
 }
 
 /// HELLO [protover [AUTH username password] [SETNAME clientname]], parsed and checked whole
