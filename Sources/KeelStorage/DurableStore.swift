@@ -43,7 +43,13 @@ public struct StoreOptions: Sendable {
     /// The log's settings.
     public var log = LogOptions()
     /// Take a checkpoint once this many bytes have been logged since the last one (0 turns it off).
+    /// What the log held after that checkpoint when the store opened counts.
     public var checkpointLogBytes = 256 * 1024 * 1024
+    /// A checkpoint `checkpointLogBytes` makes due also waits until the log since the last one is
+    /// this percentage of that checkpoint's file size (0, the default: no such wait). 100 bounds
+    /// the checkpoint bytes written per log byte on a large state, at the cost of replaying up to
+    /// about that much log at the next open. `checkpoint()` does not wait.
+    public var checkpointLogGrowthPercent: UInt64 = 0
     /// Log entries to keep before what compaction would otherwise remove (for lagging followers).
     public var retainedLogEntries: UInt64 = 0
     /// The term written into entries (a single node without Raft uses term 1).
@@ -62,7 +68,11 @@ public final class DurableStore<Machine: DurableStateMachine>: @unchecked Sendab
         var appliedIndex: LogIndex
         var appliedTerm: Term
         var checkpointRunning = false
+        /// `log.bytesWritten` when the last checkpoint began; at open, minus what the log held
+        /// after the recovered checkpoint (wrapping arithmetic).
         var bytesAtLastCheckpoint: UInt64 = 0
+        /// The size of the newest checkpoint's file (0 when there is none).
+        var checkpointBytes = 0
         var lastCheckpoint: CheckpointMetadata?
         /// Callers waiting for the checkpoint that is running.
         var waiters: [@Sendable (Result<CheckpointMetadata, StorageError>) -> Void] = []
@@ -106,12 +116,14 @@ public final class DurableStore<Machine: DurableStateMachine>: @unchecked Sendab
         let directory = try DataDirectory(path: path, fileSystem: fileSystem)
         var machine = Machine()
         var checkpoint: CheckpointMetadata?
+        var checkpointBytes = 0
         var appliedTerm = Term.zero
         let recovered: RecoveredLog
         do {
             recovered = try Recovery.run(directory: directory, options: options.log) { (metadata, body) throws(StorageError) in
                 machine = try Machine(checkpoint: body, limits: options.log.limits)
                 checkpoint = metadata
+                checkpointBytes = body.count
                 appliedTerm = metadata.term
             } apply: { entry in
                 _ = machine.apply(entry)
@@ -136,7 +148,9 @@ public final class DurableStore<Machine: DurableStateMachine>: @unchecked Sendab
         self.logger = logger
         self.wallClock = wallClock
         self.state = Locked(State(machine: machine, appliedIndex: recovered.report.lastIndex, appliedTerm: appliedTerm,
-                                  lastCheckpoint: checkpoint, damagedCheckpoints: Set(recovered.report.rejectedCheckpoints.map(\.name))))
+                                  bytesAtLastCheckpoint: log.bytesWritten &- log.bytes(after: checkpoint?.index ?? .zero),
+                                  checkpointBytes: checkpointBytes, lastCheckpoint: checkpoint,
+                                  damagedCheckpoints: Set(recovered.report.rejectedCheckpoints.map(\.name))))
     }
 
     /// Point-in-time recovery: the state after entry `index`, rebuilt from the newest valid
@@ -206,12 +220,21 @@ public final class DurableStore<Machine: DurableStateMachine>: @unchecked Sendab
             let output = state.machine.apply(entry)
             state.appliedIndex = entry.index
             state.appliedTerm = entry.term
-            guard options.checkpointLogBytes > 0, !state.checkpointRunning, !state.closed,
-                  logged - state.bytesAtLastCheckpoint >= UInt64(options.checkpointLogBytes) else { return (output, nil) }
+            let since = logged &- state.bytesAtLastCheckpoint
+            guard options.checkpointLogBytes > 0, !state.checkpointRunning, !state.closed, since >= UInt64(options.checkpointLogBytes),
+                  Self.grewEnough(since, checkpointBytes: state.checkpointBytes, percent: options.checkpointLogGrowthPercent)
+            else { return (output, nil) }
             return (output, beginCheckpoint(&state, logged: logged))
         }
         if let (snapshot, metadata) = due { runCheckpoint(snapshot, metadata) }
         return output
+    }
+
+    /// Whether `logged` bytes are at least `percent` of a checkpoint of `checkpointBytes`.
+    static func grewEnough(_ logged: UInt64, checkpointBytes: Int, percent: UInt64) -> Bool {
+        guard percent > 0 else { return true }
+        let (needed, overflow) = UInt64(checkpointBytes).multipliedReportingOverflow(by: percent)
+        return !overflow && logged >= needed / 100
     }
 
     private func beginCheckpoint(_ state: inout State, logged: UInt64) -> (Machine.Snapshot, CheckpointMetadata) {
@@ -248,6 +271,11 @@ public final class DurableStore<Machine: DurableStateMachine>: @unchecked Sendab
     private func runCheckpoint(_ snapshot: Machine.Snapshot, _ metadata: CheckpointMetadata) {
         let thread = Thread { [self] in
             let outcome = publish(snapshot, metadata)
+            // Only the growth condition reads the size: a failure to read it keeps the old one.
+            let outcomeSize = (try? outcome.get()).flatMap { published in
+                try? checkpoints.size(of: CheckpointFile(name: CheckpointFormat.fileName(index: published.index, term: published.term),
+                                                         index: published.index, term: published.term))
+            }
             let next = state.withLock { state -> ([() -> Void], (Machine.Snapshot, CheckpointMetadata)?) in
                 let waiters = state.waiters
                 state.waiters = state.laterWaiters
@@ -257,6 +285,7 @@ public final class DurableStore<Machine: DurableStateMachine>: @unchecked Sendab
                 case .success(let published):
                     state.lastCheckpoint = published
                     state.lastCheckpointError = nil
+                    if let size = outcomeSize { state.checkpointBytes = size }
                 case .failure(let error):
                     state.lastCheckpointError = error
                 }

@@ -375,6 +375,76 @@ struct StoreTests {
         #expect(try CheckpointStore(directory: "/data/checkpoints", fileSystem: fs).list().first?.index == checkpoint.index)
     }
 
+    /// Sets `count` new keys (from `first`) with 200-byte values, so that checkpoints grow with the
+    /// log; returns the checkpoint indexes seen after each write, in order.
+    func setDistinct(_ store: MapStore, from first: Int, count: Int) async throws -> [UInt64] {
+        var seen: [UInt64] = []
+        for i in first..<(first + count) {
+            _ = try await store.execute(Command.set("key\(i)", String(repeating: "v", count: 200)).encoded)
+            if let index = store.lastCheckpoint?.index.rawValue, index != seen.last { seen.append(index) }
+        }
+        return seen
+    }
+
+    /// Waits for the running checkpoint, if any, and returns the newest one's index.
+    func settledCheckpoint(_ store: MapStore) async throws -> UInt64? {
+        var last = store.lastCheckpoint?.index.rawValue
+        for _ in 0..<50 {
+            try await Task.sleep(for: .milliseconds(10))
+            let now = store.lastCheckpoint?.index.rawValue
+            if now == last { break }
+            last = now
+        }
+        return last
+    }
+
+    @Test("with checkpointLogGrowthPercent, an automatic checkpoint waits until the log has grown by that share of the last one")
+    func checkpointWaitsForGrowth() async throws {
+        var taken: [UInt64: [UInt64]] = [:]
+        for percent in [UInt64(100), 0] {
+            var options = smallOptions(segmentSize: 1 << 20)
+            options.checkpointLogBytes = 4000
+            options.checkpointLogGrowthPercent = percent
+            let store = try openStore(SimulatedFileSystem(seed: 31), options: options)
+            taken[percent] = try await setDistinct(store, from: 0, count: 400)
+            store.close()
+        }
+        let growing = taken[100]!, fixed = taken[0]!
+        #expect(growing.count >= 3, "growth 100: \(growing)")
+        for (a, b) in zip(growing, growing.dropFirst()) {
+            #expect(b - a >= a / 2, "a checkpoint at \(b) came \(b - a) entries after one holding \(a): \(growing)")
+        }
+        #expect(fixed.count > growing.count, "growth 0: \(fixed); growth 100: \(growing)")
+        #expect(zip(fixed, fixed.dropFirst()).contains { a, b in b - a < a / 2 }, "growth 0: \(fixed)")
+    }
+
+    @Test("the log held after the checkpoint when the store opens counts toward checkpointLogBytes, and only that log")
+    func heldLogCountsAtOpen() async throws {
+        var options = smallOptions(segmentSize: 1 << 20)
+        options.checkpointLogBytes = 20_000
+        // 60 entries of about 250 bytes, reopened, 30 more: past 20 KB in all, so a checkpoint.
+        let fs = SimulatedFileSystem(seed: 32)
+        var store = try openStore(fs, options: options)
+        #expect(try await setDistinct(store, from: 0, count: 60).isEmpty, "15 KB is under the trigger")
+        store.close()
+        store = try openStore(fs, options: options)
+        _ = try await setDistinct(store, from: 60, count: 30)
+        #expect(try await settledCheckpoint(store) != nil, "about 22 KB since the start of the log, 15 KB of it from before reopening")
+        store.close()
+        // 60 entries, a checkpoint, 10, reopened, 30: 10 KB since the checkpoint (the log before it
+        // is still held: one checkpoint compacts nothing), so none.
+        let other = SimulatedFileSystem(seed: 33)
+        store = try openStore(other, options: options)
+        _ = try await setDistinct(store, from: 0, count: 60)
+        let checkpoint = try await store.checkpoint()
+        _ = try await setDistinct(store, from: 60, count: 10)
+        store.close()
+        store = try openStore(other, options: options)
+        _ = try await setDistinct(store, from: 70, count: 30)
+        #expect(try await settledCheckpoint(store) == checkpoint.index.rawValue, "10 KB since the checkpoint at \(checkpoint.index)")
+        store.close()
+    }
+
     @Test("a write refused for lack of space is not applied, and is absent after a restart")
     func noSpaceIsNotApplied() async throws {
         let fs = SimulatedFileSystem(seed: 24)
