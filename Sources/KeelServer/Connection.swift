@@ -161,9 +161,8 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
     /// kernel's buffers then push back on the client. Reading resumes once the requests are down
     /// to a quarter and the replies have drained.
     private func updateReading() {
-        guard let context else { return }
         let read = !awaitingWritable && pending.count < (paused ? Self.pendingMax / 4 : Self.pendingMax)
-        guard read == paused else { return }
+        guard read == paused, let context else { return }
         paused = !read
         context.channel.setOption(ChannelOptions.autoRead, value: read).whenFailure { _ in }
     }
@@ -253,9 +252,11 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
     }
 
     private func append(_ reply: Reply) {
-        // (A flush may have closed the channel: a failed write closes it at once.)
-        guard let context else { return }
-        if output == nil { output = context.channel.allocator.buffer(capacity: 256) }
+        if output == nil {
+            // (A flush may have closed the channel: a failed write closes it at once.)
+            guard let context else { return }
+            output = context.channel.allocator.buffer(capacity: 256)
+        }
         switch reply {
         case .array(let items?) where items.count > 1:
             // Element by element, so that a large aggregate is handed over in pieces.
