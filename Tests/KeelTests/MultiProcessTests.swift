@@ -18,6 +18,8 @@ final class ProcessCluster: @unchecked Sendable {
     /// Every acknowledged write: key -> value.
     var acknowledged: [String: String] = [:]
     var unknown = 0
+    /// Why each unknown write was unknown (the harness's reason, or "timeout").
+    var unknownReasons: [String] = []
     var written = 0
 
     init(size: Int = 3, snapshotInterval: Int = 10_000, group: any EventLoopGroup) {
@@ -70,13 +72,16 @@ final class ProcessCluster: @unchecked Sendable {
     }
 
     /// Writes `count` new keys, each through the live nodes in turn until one acknowledges it.
-    /// A timed-out write is unknown (it may have committed); it is not counted as acknowledged.
-    func write(_ count: Int, avoiding: Set<Int> = []) async {
+    /// A write whose outcome is unknown (timed out, or the leader changed under it) may have
+    /// committed; it is put again, as a client would, up to `retries` times: the same key and value,
+    /// so a later acknowledgement is the write's own. One never acknowledged counts as unknown.
+    func write(_ count: Int, avoiding: Set<Int> = [], retries: Int = 3) async {
         for _ in 0..<count {
             written += 1
             let key = "k\(written)"
             let value = "v\(written)"
             var done = false
+            var retried = 0
             for attempt in 0..<300 where !done {
                 let candidates = (0..<size).filter { nodes[$0] != nil && !avoiding.contains($0) }
                 let reply = await nodes[candidates[attempt % candidates.count]]!.request("put \(key) \(value)", seconds: 5)
@@ -84,7 +89,12 @@ final class ProcessCluster: @unchecked Sendable {
                     acknowledged[key] = value
                     done = true
                 } else if reply.hasPrefix("unknown") || reply == "timeout" {
+                    if retried < retries {
+                        retried += 1
+                        continue
+                    }
                     unknown += 1
+                    unknownReasons.append(reply)
                     done = true // its outcome stays unknown; move on
                 } else {
                     try? await Task.sleep(for: .milliseconds(20))
@@ -161,7 +171,7 @@ struct MultiProcessTests {
             await cluster.write(30)
             try await cluster.startNode(first)
             await cluster.write(10)
-            #expect(cluster.acknowledged.count >= 60, "the survivors kept acknowledging writes (\(cluster.acknowledged.count), \(cluster.unknown) unknown)")
+            #expect(cluster.acknowledged.count >= 60, "the survivors kept acknowledging writes (\(cluster.acknowledged.count), \(cluster.unknown) unknown: \(cluster.unknownReasons))")
             #expect(await cluster.converge() != nil, "all three reached the same state hash at the same applied index")
             await cluster.checkNothingLost()
         }
@@ -177,7 +187,7 @@ struct MultiProcessTests {
             await cluster.write(30, avoiding: [follower])
             cluster.nodes[follower]!.signal(SIGCONT)
             await cluster.write(10)
-            #expect(cluster.acknowledged.count == 60, "writes went on without the paused follower (\(cluster.unknown) unknown)")
+            #expect(cluster.acknowledged.count == 60, "writes went on without the paused follower (\(cluster.unknown) unknown: \(cluster.unknownReasons))")
             #expect(await cluster.converge() != nil)
             await cluster.checkNothingLost()
         }
