@@ -208,7 +208,7 @@ final class PeerInboundHandler: ChannelInboundHandler {
         switch unwrapInboundIn(data) {
         case .hello(let from, let presented):
             guard peer == nil else { return refuse(context, "a second hello") }
-            guard constantTimeEquals(presented, token) else { return refuse(context, "node \(from) presented a wrong cluster token") }
+            guard constantTimeEquals(presented, secret: token) else { return refuse(context, "node \(from) presented a wrong cluster token") }
             peer = from
         case .raft(let message):
             guard let peer else { return refuse(context, "a Raft message before the hello") }

@@ -179,8 +179,20 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
     /// Replies filled the channel past its high watermark: requests wait until it drains.
     private var awaitingWritable = false
     /// Replies of requests already handled (a group of reads) held back meanwhile, as values: the
-    /// bytes they show are shared with the store, not copied into buffers.
-    private var unsent = Deque<Reply>()
+    /// bytes they show are shared with the store, not copied into buffers. An aggregate is held
+    /// as its elements still to write (its header is out), so a long MGET stops where the channel
+    /// filled up too.
+    private var unsent = Deque<Held>()
+    /// QUIT or a protocol error: the connection closes once everything before it has been written.
+    private var closeWhenWritten = false
+
+    private enum Held {
+        case reply(Reply)
+        /// Elements of an array whose header is written.
+        case elements(ArraySlice<Reply>)
+        /// Pairs of a map whose header is written.
+        case pairs(ArraySlice<(Reply, Reply)>)
+    }
     private var pumping = false
     /// Counted here and added to the server's counters once per burst.
     private var processed = 0
@@ -242,15 +254,34 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
 
     func write(_ reply: Reply) {
         if reply.isError { errors += 1 }
-        if awaitingWritable || !unsent.isEmpty { return unsent.append(reply) }
+        if awaitingWritable || !unsent.isEmpty { return unsent.append(.reply(reply)) }
         append(reply)
+        if !unsent.isEmpty { drainUnsent() }
     }
 
-    /// Writes held-back replies until the channel fills up again.
+    /// Writes held-back replies (and the rest of aggregates) until the channel fills up again.
     private func drainUnsent() {
-        while !awaitingWritable, let reply = unsent.popFirst() { append(reply) }
+        while !awaitingWritable, let held = unsent.popFirst() {
+            switch held {
+            case .reply(let reply):
+                append(reply)
+            case .elements(var rest):
+                guard let next = rest.popFirst() else { continue }
+                if !rest.isEmpty { unsent.prepend(.elements(rest)) }
+                append(next)
+            case .pairs(var rest):
+                guard let (key, value) = rest.popFirst() else { continue }
+                if !rest.isEmpty { unsent.prepend(.pairs(rest)) }
+                unsent.prepend(.reply(value))
+                append(key)
+            }
+        }
+        if unsent.isEmpty, closeWhenWritten { close() }
     }
 
+    /// Writes one reply into `output`; an aggregate's header only, its elements go to the front
+    /// of `unsent` (written by `drainUnsent`, element by element, so that a large aggregate is
+    /// handed over in pieces and held back when the client does not take it).
     private func append(_ reply: Reply) {
         if output == nil {
             // (A flush may have closed the channel: a failed write closes it at once.)
@@ -258,16 +289,12 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
             output = context.channel.allocator.buffer(capacity: 256)
         }
         switch reply {
-        case .array(let items?) where items.count > 1:
-            // Element by element, so that a large aggregate is handed over in pieces.
+        case .array(let items?) where !items.isEmpty:
             output!.writeAggregateHeader(items.count, map: false, protocol: protocolVersion)
-            for item in items { append(item) }
+            unsent.prepend(.elements(items[...]))
         case .map(let pairs) where !pairs.isEmpty:
             output!.writeAggregateHeader(pairs.count, map: true, protocol: protocolVersion)
-            for (key, value) in pairs {
-                append(key)
-                append(value)
-            }
+            unsent.prepend(.pairs(pairs[...]))
         default:
             output!.writeReply(reply, protocol: protocolVersion)
             if output!.readableBytes >= Self.outputChunkBytes { flush() }
@@ -282,12 +309,29 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
         if !context.channel.isWritable { awaitingWritable = true }
     }
 
+    /// Stops handling requests and closes the connection once the replies written so far (the
+    /// last being QUIT's OK or a protocol error) have reached the socket, as Redis does: a client
+    /// slow to read still gets them.
     func closeAfterFlush() {
         closing = true
         pending.removeAll()
-        while let reply = unsent.popFirst() { append(reply) }
-        flush()
-        context?.close(promise: nil)
+        closeWhenWritten = true
+        if unsent.isEmpty { close() }
+    }
+
+    private func close() {
+        guard let context else { return }
+        closeWhenWritten = false
+        let channel = context.channel
+        if let buffer = output {
+            output = nil
+            context.writeAndFlush(wrapOutboundOut(buffer)).whenComplete { _ in channel.close(promise: nil) }
+        } else {
+            // Written earlier: a flush of nothing completes once they have.
+            context.writeAndFlush(wrapOutboundOut(channel.allocator.buffer(capacity: 0))).whenComplete { _ in
+                channel.close(promise: nil)
+            }
+        }
     }
 
     /// Runs work that answers later; requests behind it wait. Key-value commands record their
@@ -407,9 +451,22 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
     /// Counts a command into the transaction's size; past the limit, answers the error that will
     /// abort it (EXECABORT) and keeps nothing more of it. A command after an earlier error is
     /// answered QUEUED, as Redis does, but not kept either: EXEC aborts anyway.
+    /// The transaction's log entry (docs/formats/kv.md): version, time, kind, the watched keys'
+    /// count and the commands' count.
+    static let transactionHeaderBytes = 1 + 8 + 1 + 4 + 4
+
+    /// A queued command in the entry: database, length-prefixed name, argument count, and each
+    /// argument length-prefixed.
+    static func queuedCommandBytes(_ name: String, _ arguments: [[UInt8]]) -> Int {
+        1 + 4 + name.utf8.count + 4 + arguments.reduce(0) { $0 + 4 + $1.count }
+    }
+
+    /// A watched key in the entry: database, length-prefixed key, revision.
+    static func watchedKeyBytes(_ key: [UInt8]) -> Int { 1 + 4 + key.count + 8 }
+
     private func admitToTransaction(_ name: String, _ arguments: [[UInt8]]) -> Bool {
-        let size = name.utf8.count + arguments.reduce(16) { $0 + $1.count + 8 }
-        if !transactionFailed, queuedBytes + watchedBytes + size > transactionBytesMax {
+        let size = Self.queuedCommandBytes(name, arguments)
+        if !transactionFailed, Self.transactionHeaderBytes + queuedBytes + watchedBytes + size > transactionBytesMax {
             transactionFailed = true
             transaction = []
             transactionLocal = []

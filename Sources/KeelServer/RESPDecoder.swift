@@ -388,7 +388,7 @@ func lowercasedASCII(_ bytes: [UInt8]) -> [UInt8] { bytes.map { $0 >= 65 && $0 <
 /// Whether the credentials, as sent, are the default user's required password (bytes compared).
 func credentialsMatch(user: [UInt8], password: [UInt8], required: [UInt8]?) -> Bool {
     guard let required else { return false }
-    return user == Array("default".utf8) && constantTimeEquals(password, required)
+    return user == Array("default".utf8) && constantTimeEquals(password, secret: required)
 }
 
 /// HELLO [protover [AUTH username password] [SETNAME clientname]], parsed and checked whole
