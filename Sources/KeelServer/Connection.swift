@@ -448,9 +448,6 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
     /// The most bytes a transaction's entry may take (watched keys and queued commands).
     var transactionBytesMax: Int { server.node.configuration.commandSizeMax }
 
-    /// Counts a command into the transaction's size; past the limit, answers the error that will
-    /// abort it (EXECABORT) and keeps nothing more of it. A command after an earlier error is
-    /// answered QUEUED, as Redis does, but not kept either: EXEC aborts anyway.
     /// The transaction's log entry (docs/formats/kv.md): version, time, kind, the watched keys'
     /// count and the commands' count.
     static let transactionHeaderBytes = 1 + 8 + 1 + 4 + 4
@@ -464,6 +461,9 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
     /// A watched key in the entry: database, length-prefixed key, revision.
     static func watchedKeyBytes(_ key: [UInt8]) -> Int { 1 + 4 + key.count + 8 }
 
+    /// Counts a command into the transaction's size; past the limit, answers the error that will
+    /// abort it (EXECABORT) and keeps nothing more of it. A command after an earlier error is
+    /// answered QUEUED, as Redis does, but not kept either: EXEC aborts anyway.
     private func admitToTransaction(_ name: String, _ arguments: [[UInt8]]) -> Bool {
         let size = Self.queuedCommandBytes(name, arguments)
         if !transactionFailed, Self.transactionHeaderBytes + queuedBytes + watchedBytes + size > transactionBytesMax {
