@@ -76,7 +76,7 @@ public enum KVEntry: Sendable, Equatable {
 
     /// version u8 (1), now i64, kind u8, then the kind's fields (docs/formats/kv.md).
     public func encoded(now: Int64) -> [UInt8] {
-        var writer = ByteWriter(capacity: estimatedSize)
+        var writer = ByteWriter(capacity: encodedSize)
         writer.write(UInt8(1))
         writer.write(UInt64(bitPattern: now))
         func writeCommand(_ database: Int, _ name: String, _ arguments: [[UInt8]]) {
@@ -112,16 +112,27 @@ public enum KVEntry: Sendable, Equatable {
     }
 
     /// About the encoded size (the writer's first allocation).
-    var estimatedSize: Int {
-        func command(_ name: String, _ arguments: [[UInt8]]) -> Int {
-            arguments.reduce(9 + name.utf8.count) { $0 + 4 + $1.count }
-        }
+    /// The bytes `encoded(now:)` gives (docs/formats/kv.md).
+    public var encodedSize: Int {
         switch self {
-        case .command(_, let name, let arguments): return 14 + command(name, arguments)
+        case .command(_, let name, let arguments): return 10 + Self.queuedCommandSize(name, arguments)
         case .transaction(let watched, let commands):
-            return watched.reduce(18) { $0 + 13 + $1.key.count } + commands.reduce(0) { $0 + command($1.name, $1.arguments) }
+            return watched.reduce(Self.transactionHeaderSize) { $0 + Self.watchedKeySize($1.key) }
+                + commands.reduce(0) { $0 + Self.queuedCommandSize($1.name, $1.arguments) }
         case .expire(let keys): return keys.reduce(14) { $0 + 13 + $1.key.count }
         }
+    }
+
+    /// A transaction's fixed part: version, time, kind, the watched keys' and the commands' counts.
+    public static let transactionHeaderSize = 1 + 8 + 1 + 4 + 4
+
+    /// A watched key in a transaction: database, length-prefixed key, revision.
+    public static func watchedKeySize(_ key: [UInt8]) -> Int { 1 + 4 + key.count + 8 }
+
+    /// A command (alone or queued in a transaction): database, length-prefixed name, argument
+    /// count, each argument length-prefixed.
+    public static func queuedCommandSize(_ name: String, _ arguments: [[UInt8]]) -> Int {
+        arguments.reduce(1 + 4 + name.utf8.count + 4) { $0 + 4 + $1.count }
     }
 
     public static func decode(_ bytes: [UInt8]) throws(DecodingError) -> (now: Int64, entry: KVEntry) {

@@ -448,25 +448,12 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
     /// The most bytes a transaction's entry may take (watched keys and queued commands).
     var transactionBytesMax: Int { server.node.configuration.commandSizeMax }
 
-    /// The transaction's log entry (docs/formats/kv.md): version, time, kind, the watched keys'
-    /// count and the commands' count.
-    static let transactionHeaderBytes = 1 + 8 + 1 + 4 + 4
-
-    /// A queued command in the entry: database, length-prefixed name, argument count, and each
-    /// argument length-prefixed.
-    static func queuedCommandBytes(_ name: String, _ arguments: [[UInt8]]) -> Int {
-        1 + 4 + name.utf8.count + 4 + arguments.reduce(0) { $0 + 4 + $1.count }
-    }
-
-    /// A watched key in the entry: database, length-prefixed key, revision.
-    static func watchedKeyBytes(_ key: [UInt8]) -> Int { 1 + 4 + key.count + 8 }
-
     /// Counts a command into the transaction's size; past the limit, answers the error that will
     /// abort it (EXECABORT) and keeps nothing more of it. A command after an earlier error is
     /// answered QUEUED, as Redis does, but not kept either: EXEC aborts anyway.
     private func admitToTransaction(_ name: String, _ arguments: [[UInt8]]) -> Bool {
-        let size = Self.queuedCommandBytes(name, arguments)
-        if !transactionFailed, Self.transactionHeaderBytes + queuedBytes + watchedBytes + size > transactionBytesMax {
+        let size = KVEntry.queuedCommandSize(name, arguments)
+        if !transactionFailed, KVEntry.transactionHeaderSize + queuedBytes + watchedBytes + size > transactionBytesMax {
             transactionFailed = true
             transaction = []
             transactionLocal = []

@@ -91,8 +91,8 @@ extension RESPConnection {
             exec()
         case "watch":
             guard transaction == nil else { return write(.error("ERR WATCH inside MULTI is not allowed")) }
-            let size = a.reduce(0) { $0 + Self.watchedKeyBytes($1) }
-            guard Self.transactionHeaderBytes + watchedBytes + size <= transactionBytesMax else {
+            let size = a.reduce(0) { $0 + KVEntry.watchedKeySize($1) }
+            guard KVEntry.transactionHeaderSize + watchedBytes + size <= transactionBytesMax else {
                 return write(.error("ERR keel: too many watched keys: they and the transaction must fit in one log entry of at most \(transactionBytesMax) bytes"))
             }
             let database = self.database

@@ -285,6 +285,28 @@ struct KVStoreTests {
         #expect(h.run("GET", "balance") == .bulk("7"))
     }
 
+    @Test("encodedSize is the size of the encoding, which the server's transaction limit counts on")
+    func encodedSizeIsExact() {
+        let commands = [
+            KVEntry.QueuedCommand(database: 3, name: "set", arguments: [Array("k".utf8), Array(repeating: 7, count: 300)]),
+            KVEntry.QueuedCommand(database: 0, name: "dbsize", arguments: []),
+        ]
+        let watched = [KVEntry.WatchedKey(database: 1, key: Array("watched".utf8), revision: 9), KVEntry.WatchedKey(database: 0, key: [], revision: 0)]
+        let entries: [KVEntry] = [
+            .command(database: 2, name: "mset", arguments: [Array("a".utf8), Array("1".utf8), [], Array("b".utf8)]),
+            .command(database: 0, name: "ping", arguments: []),
+            .transaction(watched: [], commands: []),
+            .transaction(watched: watched, commands: commands),
+            .expire([ExpiredKey(database: 0, key: Array("gone".utf8), expiresAt: 5)]),
+        ]
+        for entry in entries {
+            #expect(entry.encodedSize == entry.encoded(now: 1_000).count, "\(entry)")
+        }
+        let transaction = KVEntry.transaction(watched: watched, commands: commands)
+        #expect(transaction.encodedSize == KVEntry.transactionHeaderSize + watched.reduce(0) { $0 + KVEntry.watchedKeySize($1.key) }
+            + commands.reduce(0) { $0 + KVEntry.queuedCommandSize($1.name, $1.arguments) })
+    }
+
     @Test("a snapshot restores the same state, and two replicas that applied the same entries write the same bytes")
     func snapshots() throws {
         let h = Harness()
