@@ -969,9 +969,11 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
             let decoded = ChangeContext.decode(change.context)
             if change.kind == .remove, change.node != configuration.node {
                 // Close the link a little later, so the leader's last append (which tells the
-                // removed node it was removed) can still leave.
+                // removed node it was removed) can still leave: ten ticks, and at least two
+                // seconds, as a loaded machine can hold the link's writes back that long (a
+                // 200 ms window in the tests lost the append under CI's load).
                 addresses[change.node] = nil
-                loop.scheduleTask(in: .milliseconds(10 * configuration.tickMilliseconds)) {
+                loop.scheduleTask(in: .milliseconds(max(10 * configuration.tickMilliseconds, 2000))) {
                     guard self.addresses[change.node] == nil else { return }
                     self.transport.updatePeers(Self.dialTable(self.addresses, self.configuration))
                 }

@@ -543,11 +543,17 @@ public final class RaftNode {
     /// commit index: a removed node learns its removal committed (it gets nothing more from this
     /// leader). Best effort: lost, or if it lags too far, it learns nothing and stays idle.
     private func sendFarewell(to member: NodeID) {
-        guard let entry = progress[member], entry.matchIndex > .zero, let previousTerm = try? log.term(at: entry.matchIndex),
-              let entries = try? log.entries(from: entry.matchIndex.next, maxSize: configuration.messageSizeMax,
+        guard let entry = progress[member] else { return }
+        // Before the member's first answer to this leader (a leader just elected, or handed the
+        // lead) its match index is not known: start where the leader probes, which a member that
+        // was up to date holds (without this, a removal right after a transfer of leadership
+        // told the removed node nothing; found as a flaky test under CI's load).
+        let from = entry.matchIndex > .zero ? entry.matchIndex : LogIndex(entry.nextIndex.rawValue &- 1)
+        guard from > .zero, let previousTerm = try? log.term(at: from),
+              let entries = try? log.entries(from: from.next, maxSize: configuration.messageSizeMax,
                                              maxCount: configuration.messageEntriesMax) else { return }
         var message = Message(kind: .appendEntries, from: id, to: member, term: term)
-        message.index = entry.matchIndex
+        message.index = from
         message.logTerm = previousTerm
         message.entries = entries
         message.commit = log.committed

@@ -443,6 +443,25 @@ struct MembershipAndSnapshotTests {
         #expect(cluster.appliedData(leader.id.rawValue).contains("after-removal"))
     }
 
+    @Test("a member removed by a leader that has not heard from it yet (just handed the lead) still learns its removal")
+    func removedByNewLeaderLearns() throws {
+        let cluster = TestCluster(3)
+        cluster.elect(1)
+        try cluster[1].raft.propose(bytes("before"))
+        cluster.stabilize()
+        // Node 3's answers never reach node 2, which then leads without knowing what 3 holds.
+        cluster.cut.insert([3, 2])
+        try cluster[1].raft.transferLeadership(to: NodeID(2))
+        cluster.stabilize()
+        cluster.tick(2)
+        #expect(cluster[2].status.role == .leader)
+        try cluster[2].raft.proposeConfigurationChange(ConfigurationChange(.remove, NodeID(3)))
+        cluster.stabilize()
+        cluster.tick(2)
+        #expect(cluster[2].status.membership.voters == [NodeID(1), NodeID(2)])
+        #expect(!cluster[3].status.membership.contains(NodeID(3)), "node 3 learned that its removal committed")
+    }
+
     @Test("removing the last voter is refused")
     func cannotRemoveLastVoter() {
         let cluster = TestCluster(1)
