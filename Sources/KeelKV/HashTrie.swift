@@ -9,7 +9,8 @@
 //   (TreeDictionary, which this replaces, orders a node's keys before its subtrees: a key moves
 //   when another lands next to it, so no position in it survives a write.)
 //
-// Level 0 takes the hash's top 5 bits, each level the next 5, and level 12 the last 4. A key sits
+// Level 0 takes the hash's top 6 bits, each level the next 6, and level 10 the last 4 (64-way
+// nodes: at a million keys a lookup visits about 4 nodes, each a likely cache miss). A key sits
 // in the first level where no other key shares its bits so far; keys whose whole hashes are equal
 // share one collision slot. A node holds exactly its occupied slots, in bucket order; every node
 // but the root holds at least two keys (a removal that leaves a lone key moves it up).
@@ -32,11 +33,11 @@ public struct HashTrie<Key: Hashable, Value> {
     /// The hash that orders `key`.
     public static func hash(_ key: Key) -> UInt64 { UInt64(bitPattern: Int64(key.hashValue)) }
 
-    static var lastLevel: Int { 12 }
+    static var lastLevel: Int { 10 }
 
     @inline(__always)
     static func bucket(_ hash: UInt64, _ level: Int) -> Int {
-        level < lastLevel ? Int(truncatingIfNeeded: hash >> UInt64(59 - 5 * level)) & 31 : Int(truncatingIfNeeded: hash) & 15
+        level < lastLevel ? Int(truncatingIfNeeded: hash >> UInt64(58 - 6 * level)) & 63 : Int(truncatingIfNeeded: hash) & 15
     }
 
     // MARK: - Nodes
@@ -57,7 +58,7 @@ public struct HashTrie<Key: Hashable, Value> {
     }
 
     struct Header {
-        var bitmap: UInt32
+        var bitmap: UInt64
         var count: Int32
         var capacity: Int32
     }
@@ -78,18 +79,18 @@ public struct HashTrie<Key: Hashable, Value> {
         @inline(__always)
         var head: UnsafeMutablePointer<Header> { withUnsafeMutablePointerToHeader { $0 } }
 
-        @inline(__always) var bitmap: UInt32 { head.pointee.bitmap }
+        @inline(__always) var bitmap: UInt64 { head.pointee.bitmap }
         @inline(__always) var slotCount: Int { Int(head.pointee.count) }
 
         @inline(__always)
         var slots: UnsafeMutablePointer<Slot> { withUnsafeMutablePointerToElements { $0 } }
 
         @inline(__always)
-        func has(_ bucket: Int) -> Bool { head.pointee.bitmap & (1 << UInt32(bucket)) != 0 }
+        func has(_ bucket: Int) -> Bool { head.pointee.bitmap & (1 << UInt64(bucket)) != 0 }
 
         /// The position of `bucket`'s slot (or where it would go).
         @inline(__always)
-        func position(_ bucket: Int) -> Int { (head.pointee.bitmap & ((1 << UInt32(bucket)) &- 1)).nonzeroBitCount }
+        func position(_ bucket: Int) -> Int { (head.pointee.bitmap & ((1 << UInt64(bucket)) &- 1)).nonzeroBitCount }
 
         /// A copy that shares the slots' contents.
         func copy(extra: Int = 0) -> Node {
@@ -119,7 +120,7 @@ public struct HashTrie<Key: Hashable, Value> {
                 (target + at + 1).initialize(from: source + at, count: count - at)
             }
             (target + at).initialize(to: slot)
-            node.head.pointee.bitmap = bitmap | (1 << UInt32(bucket))
+            node.head.pointee.bitmap = bitmap | (1 << UInt64(bucket))
             node.head.pointee.count = Int32(count + 1)
             return node
         }
@@ -132,7 +133,7 @@ public struct HashTrie<Key: Hashable, Value> {
             (slots + at).deinitialize(count: 1)
             (slots + at).moveInitialize(from: slots + at + 1, count: count - at - 1)
             head.pointee.count = Int32(count - 1)
-            head.pointee.bitmap &= ~(1 << UInt32(bucket))
+            head.pointee.bitmap &= ~(1 << UInt64(bucket))
         }
     }
 
@@ -154,12 +155,12 @@ public struct HashTrie<Key: Hashable, Value> {
             let (first, second) = bucketA < bucketB ? (a, b) : (b, a)
             node.slots.initialize(to: first)
             (node.slots + 1).initialize(to: second)
-            node.head.pointee.bitmap = (1 << UInt32(bucketA)) | (1 << UInt32(bucketB))
+            node.head.pointee.bitmap = (1 << UInt64(bucketA)) | (1 << UInt64(bucketB))
             node.head.pointee.count = 2
             return node
         }
         let node = Node.make(capacity: 1)
-        node.head.pointee.bitmap = 1 << UInt32(bucketA)
+        node.head.pointee.bitmap = 1 << UInt64(bucketA)
         node.head.pointee.count = 1
         if level == lastLevel {
             // Every bit agrees: the two hashes are equal.
@@ -229,11 +230,14 @@ public struct HashTrie<Key: Hashable, Value> {
         if !unique { node = node.copy() }
         let slot = node.slots + node.position(bucket)
         switch slot.pointee {
-        case .item(let found, let old) where found == key:
-            slot.pointee = .item(found, value)
-            return old
         case .item, .collision:
+            // Moved out, not copied: no retain and release of the key and the old value (each a
+            // likely cache miss) on the way to replacing them.
             let existing = slot.move()
+            if case .item(let found, let old) = existing, found == key {
+                slot.initialize(to: .item(found, value))
+                return old
+            }
             let existingHash = slotHash(existing)
             if case .collision(let collision) = existing, existingHash == hash {
                 var items = collision.items
