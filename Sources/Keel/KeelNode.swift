@@ -1,7 +1,9 @@
 // A Keel node: Raft on the storage engine's log, talking to its peers over TCP.
 //
-// One event loop owns the node: the Raft core, the state machine, and the waiting callers are
-// touched only there. The loop follows the Ready order (Ready.swift):
+// One event loop owns the node: the Raft core and the waiting callers are touched only there,
+// and the state machine too, but for a leader's large batches of committed entries, which its
+// apply thread applies (in order, under `machineLock`) while the loop goes on. The loop follows
+// the Ready order (Ready.swift):
 //   1. persist entries and hard state: handed to the storage queue and the log's writer thread
 //      (never on the loop); the loop takes no new Ready until that write is durable. A leader
 //      sends its appends and heartbeats *while* they are written (dissertation §10.2.1): the core
@@ -136,6 +138,14 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     private var lastFullDiskWarning: UInt64?
     /// Storage work that may block (snapshot files, install): never on the loop.
     let storageQueue = DispatchQueue(label: "keel.node.storage")
+    /// Where large batches of committed commands are applied, off the loop (see `applyEntries`).
+    private let applyQueue = DispatchQueue(label: "keel.node.apply")
+    /// Batches handed to `applyQueue` and not yet finished on the loop. While any is, the state
+    /// machine may be ahead of `appliedIndex` (never behind it), so nothing that needs the two to
+    /// agree (a snapshot, a restart of the core) happens before `drainApplies`.
+    private var applying = 0
+    /// Batches `applyQueue` has applied, with their results, for the loop to finish in order.
+    private let appliedOffLoop = NIOLockedValueBox<[(entries: [Entry], results: [[UInt8]?])]>([])
     private var snapshotting = false
     /// The log's bytes written (since it opened) when the last snapshot started or a received one
     /// was installed. At start, the bytes written so far minus those the log holds after the
@@ -275,7 +285,11 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     /// Runs `body` on the node's loop with the state machine and the index it has applied, without
     /// asking Raft (a local read of this replica, for diagnostics that compare replicas).
     public func inspect<T: Sendable>(_ body: @escaping @Sendable (Machine, LogIndex) -> T) -> EventLoopFuture<T> {
-        loop.submit { body(self.machine, self.appliedIndex) }
+        loop.submit {
+            // The machine and the index agree only once what is applied off the loop is finished.
+            self.drainApplies()
+            return body(self.machine, self.appliedIndex)
+        }
     }
 
     /// `read` for callers on event loops: the future completes on the node's loop.
@@ -283,7 +297,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
                                         _ body: @escaping @Sendable (Machine) -> T) -> EventLoopFuture<T> {
         @Sendable func run() throws -> T {
             if let error = self.refusal() { throw error }
-            return body(self.machine)
+            return self.machineLock.withLock { body(self.machine) }
         }
         if consistency == .local { return loop.submit { try run() } }
         let promise = loop.makePromise(of: LogIndex.self)
@@ -301,7 +315,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
                 switch result {
                 case .success:
                     if let error = self.refusal() { return completion(.failure(error)) }
-                    completion(.success(body(self.machine)))
+                    completion(.success(self.machineLock.withLock { body(self.machine) }))
                 case .failure(let error):
                     completion(.failure(error))
                 }
@@ -365,7 +379,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         }
         let future = loop.submit { () throws -> T in
             if let error = self.refusal() { throw error }
-            return body(self.machine)
+            return self.machineLock.withLock { body(self.machine) }
         }
         return try await Self.wait(future)
     }
@@ -455,6 +469,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
             try? await Task.sleep(for: .milliseconds(10))
         }
         storageQueue.sync {}
+        applyQueue.sync {}
         // The newest commit index, if only memory had it (a clean stop leaves nothing to relearn).
         if let unwritten = try? await loop.submit({ self.stopped == nil ? self.unwrittenHardState : nil }).get() {
             try? await storage.persist(entries: [], hardState: unwritten)
@@ -714,7 +729,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
             storage.persist(entries: ready.entries, hardState: hardState) { result in
                 self.loop.execute { self.persisted(ready, late: late, result, installed: nil, appliedBefore: applyNow) }
             }
-            for entry in ready.committedEntries.prefix(applyNow) { apply(entry) }
+            applyEntries(ready.committedEntries.prefix(applyNow))
             return
         }
         storageQueue.async {
@@ -791,6 +806,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         }
         if let hardState = ready.hardState { persistedHardState = hardState }
         if let installed, let snapshot = ready.snapshot {
+            drainApplies()
             do {
                 let (known, machineState) = try NodeSnapshotDecoding.decode(installed)
                 try machineLock.withLock {
@@ -810,7 +826,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         }
         // 2. Send. 3. Apply. 4. Advance.
         transport.send(late)
-        for entry in ready.committedEntries.dropFirst(appliedBefore) { apply(entry) }
+        applyEntries(ready.committedEntries.dropFirst(appliedBefore))
         for state in ready.readStates {
             var reader = ByteReader(state.context)
             guard (try? reader.readUInt64()) == run, let request = try? reader.readUInt64(), reads[request] != nil else { continue }
@@ -862,6 +878,8 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
             logger.warning("node \(configuration.node): \(reason); restarting Raft from the durable state")
         }
         if refusedSnapshot { rejectedSnapshots += 1 }
+        // The new core starts from `appliedIndex`: it must be the machine's.
+        drainApplies()
         do {
             raft = try RaftNode(configuration: configuration.raft, storage: storage, randomSeed: UInt64.random(in: 1...UInt64.max),
                                 applied: appliedIndex)
@@ -907,7 +925,8 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     }
 
     private func maybeSnapshot() {
-        guard !snapshotting, !closing, stopped == nil else { return }
+        // (While batches are applied off the loop, `finishApplied` calls again once they are.)
+        guard !snapshotting, !closing, stopped == nil, applying == 0 else { return }
         // (A snapshot being installed moves the storage's index before `appliedIndex` follows.)
         guard appliedIndex >= storage.snapshot.index else { return }
         let logBytes = storage.log.bytesWritten &- logBytesAtSnapshot
@@ -959,11 +978,96 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         }
     }
 
-    private func apply(_ entry: Entry) {
+    /// Applies committed entries in order: on the loop, or, for a leader's large batch, on
+    /// `applyQueue` (and everything after it until that queue has caught up, to keep the order).
+    private func applyEntries(_ entries: ArraySlice<Entry>) {
+        guard !entries.isEmpty else { return }
+        if applying == 0 {
+            let threshold = configuration.applyOffLoopBytes
+            let large = threshold > 0 && role == .leader && entries.reduce(0) { $0 + $1.data.count } >= threshold
+            if !large {
+                for entry in entries { finishApply(entry, result: applyToMachine(entry)) }
+                return
+            }
+        }
+        // In pieces of about `applyOffLoopBytes / 2`, each finished on the loop as soon as it is
+        // applied: the first callers are answered while the rest is applied.
+        var start = entries.startIndex
+        while start < entries.endIndex {
+            var end = start
+            var bytes = 0
+            while end < entries.endIndex, end == start || bytes < configuration.applyOffLoopBytes / 2 {
+                bytes += entries[end].data.count
+                end += 1
+            }
+            let batch = Array(entries[start..<end])
+            start = end
+            applying += 1
+            applyQueue.async {
+                let results = batch.map { self.applyToMachine($0) }
+                self.appliedOffLoop.withLockedValue { $0.append((batch, results)) }
+                self.loop.execute { self.finishApplied() }
+            }
+        }
+    }
+
+    /// Finishes on the loop what `applyQueue` applied: answers, membership, reads that waited,
+    /// a snapshot that came due; then the next Ready.
+    private func finishApplied() {
+        working += 1
+        defer { working -= 1 }
+        guard takeApplied() else { return }
+        serveReads()
+        maybeSnapshot()
+        process()
+    }
+
+    /// Finishes the batches `applyQueue` has applied; whether there were any.
+    private func takeApplied() -> Bool {
+        let batches = appliedOffLoop.withLockedValue { done in
+            defer { done.removeAll() }
+            return done
+        }
+        guard !batches.isEmpty else { return false }
+        applying -= batches.count
+        // After shutdown began, callers were failed already.
+        guard !closing else { return true }
+        for (entries, results) in batches {
+            for (entry, result) in zip(entries, results) { finishApply(entry, result: result) }
+        }
+        return true
+    }
+
+    /// Waits on the loop for `applyQueue` to catch up and finishes what it applied, so that the
+    /// machine's state is `appliedIndex`'s.
+    private func drainApplies() {
+        guard applying > 0 else { return }
+        working += 1
+        defer { working -= 1 }
+        applyQueue.sync {}
+        _ = takeApplied()
+        serveReads()
+    }
+
+    /// The state machine's part of applying an entry (on the loop or on `applyQueue`, one entry
+    /// at a time, in log order): a normal entry's command, and its result.
+    private func applyToMachine(_ entry: Entry) -> [UInt8]? {
+        guard entry.kind == .normal, let (_, command) = CommandRecord.decode(entry.data) else {
+            machineLock.withLock { directApplied = entry.index }
+            return nil
+        }
+        return machineLock.withLock {
+            directApplied = entry.index
+            return machine.apply(Array(command))
+        }
+    }
+
+    /// The loop's part of applying an entry, after `applyToMachine`: the applied index, a
+    /// membership change, and the proposer's answer.
+    private func finishApply(_ entry: Entry, result: [UInt8]?) {
         appliedIndex = entry.index
         switch entry.kind {
         case .configurationChange:
-            machineLock.withLock { directApplied = entry.index }
             guard let change = ConfigurationChange(decoding: entry.data) else { return }
             appliedMembership = appliedMembership.applying(change)
             let decoded = ChangeContext.decode(change.context)
@@ -990,13 +1094,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
             }
             noteMembership(appliedMembership)
         case .normal:
-            guard let (tag, command) = CommandRecord.decode(entry.data) else {
-                return machineLock.withLock { directApplied = entry.index }
-            }
-            let result = machineLock.withLock {
-                directApplied = entry.index
-                return machine.apply(Array(command))
-            }
+            guard let result, let (tag, _) = CommandRecord.decode(entry.data) else { return }
             if tag.origin == configuration.node.rawValue, tag.run == run, let promise = writes.removeValue(forKey: tag.request) {
                 handedTo[tag.request] = nil
                 promise.succeed(result)

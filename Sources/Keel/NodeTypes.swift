@@ -8,7 +8,11 @@ import KeelStorage
 /// `apply` must be deterministic: the same state and command give the same state and result on
 /// every machine (no clocks, no randomness, no iteration over unordered collections).
 ///
-/// A node calls these on its event loop, one at a time.
+/// A node calls these one at a time, never two at once: `apply` on its event loop or, for a
+/// leader's large batches, on its apply thread (`NodeConfiguration.applyOffLoopBytes`);
+/// `snapshot()` and `restore(from:)` on the loop, when nothing is applied elsewhere. Reach the
+/// machine only through the node's calls (`read`, `readDirectly`, `inspect`), which hold the lock
+/// `apply` holds.
 public protocol StateMachine: AnyObject, SendableMetatype {
     /// A frozen copy of the state that can be written out on another thread while `apply` goes on.
     /// Make it O(1): a copy-on-write value such as `TreeDictionary` (swift-collections) is one.
@@ -128,6 +132,11 @@ public struct NodeConfiguration: Sendable {
     /// The largest command `propose` accepts, in bytes: an entry must fit in one peer message
     /// (under the transport's 16 MiB frame limit) to reach the other nodes.
     public var commandSizeMax = 8 << 20
+    /// A leader applies a Ready's committed commands on a thread of its own when they come to
+    /// this many bytes or more (0: always on the loop), while its loop goes on reading, proposing
+    /// and answering; later entries follow them there until that thread has caught up. Smaller
+    /// batches are applied on the loop, with no hop between threads.
+    public var applyOffLoopBytes = 16 << 10
     /// Promote a learner to voter once it is within `promotionLagEntries` of the leader's log.
     public var autoPromoteLearners = true
     public var promotionLagEntries: UInt64 = 100

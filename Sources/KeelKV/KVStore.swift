@@ -192,7 +192,8 @@ public enum KVEntry: Sendable, Equatable {
 
 /// The replicated key-value state.
 public final class KVStore: @unchecked Sendable {
-    // @unchecked Sendable: a node calls it on its event loop only; snapshots are value copies.
+    // @unchecked Sendable: a node calls it one call at a time (on its event loop, or its apply
+    // thread under the node's lock); snapshots are value copies.
     public static let databaseCount = 16
     public internal(set) var databases = Array(repeating: Database(), count: KVStore.databaseCount)
     /// The time of the newest applied entry (Unix ms); never goes backwards.

@@ -9,19 +9,31 @@ import NIOCore
 import NIOPosix
 import Testing
 
-/// A register map for the node tests: "set k v" and "get k".
+/// A register map for the node tests: "set k v", and "append k v" (which returns the new
+/// value: applied twice, it shows).
 final class TestMachine: StateMachine, @unchecked Sendable {
-    // @unchecked Sendable: used only on the node's event loop.
+    // @unchecked Sendable: the node calls it one call at a time (on its loop or its apply thread).
     var values: [String: String] = [:]
     var applied: [String] = []
+    /// Commands applied off the node's event loop (on its apply thread).
+    var appliedOffLoop = 0
+    /// Microseconds each command takes (a slow machine widens races with the loop).
+    var applyDelay: UInt32 = 0
 
     func apply(_ command: [UInt8]) -> [UInt8] {
+        // (After the change: a read or snapshot in the window sees it.)
+        defer { if applyDelay > 0 { usleep(applyDelay) } }
         let text = String(decoding: command, as: UTF8.self)
         applied.append(text)
+        if MultiThreadedEventLoopGroup.currentEventLoop == nil { appliedOffLoop += 1 }
         let parts = text.split(separator: " ").map(String.init)
         if parts.count == 3, parts[0] == "set" {
             values[parts[1]] = parts[2]
             return Array("ok".utf8)
+        }
+        if parts.count == 3, parts[0] == "append" {
+            values[parts[1], default: ""] += parts[2]
+            return Array(values[parts[1]]!.utf8)
         }
         return Array("?".utf8)
     }
