@@ -173,6 +173,7 @@ public struct NodeConfiguration: Sendable {
         guard requestTimeoutMilliseconds > 0 else { throw .invalidArgument("requestTimeoutMilliseconds must be positive") }
         guard (1...(UInt64(1) << 62)).contains(snapshotInterval) else { throw .invalidArgument("snapshotInterval must be in 1...2^62") }
         guard snapshotLogGrowthPercent <= 1_000_000 else { throw .invalidArgument("snapshotLogGrowthPercent must be at most 1000000") }
+        guard applyOffLoopBytes >= 0 else { throw .invalidArgument("applyOffLoopBytes must not be negative") }
         guard promotionLagEntries <= UInt64(1) << 62 else { throw .invalidArgument("promotionLagEntries must be at most 2^62") }
         guard (1...(12 << 20)).contains(commandSizeMax) else { throw .invalidArgument("commandSizeMax must be in 1...12 MiB (a peer frame is at most 16 MiB)") }
         guard log.fsyncPolicy == .always || allowUnsyncedLog else {

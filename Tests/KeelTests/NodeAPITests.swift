@@ -348,6 +348,11 @@ struct NodeAPITests {
         await #expect(throws: NodeError.invalidArgument("lease reads need check-quorum")) {
             _ = try await KeelNode.start(configuration: configuration, machine: TestMachine(), group: group)
         }
+        configuration = settings(1, base, members: [NodeID(1): address(1)])
+        configuration.applyOffLoopBytes = -1
+        await #expect(throws: NodeError.invalidArgument("applyOffLoopBytes must not be negative")) {
+            _ = try await KeelNode.start(configuration: configuration, machine: TestMachine(), group: group)
+        }
         try await group.shutdownGracefully()
     }
 }
