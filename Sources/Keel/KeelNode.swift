@@ -781,6 +781,9 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         persisting = false
         // After shutdown began, nothing more is applied or sent (its callers were failed already).
         guard !closing else { return }
+        // A failed write answers what waits with an error: the entries out on the apply thread
+        // are committed, and are answered with their results first.
+        if case .failure = result { drainApplies() }
         switch result {
         case .failure(.corruption(let file, _, let reason, _)) where ready.snapshot != nil || !ready.incomingSnapshotChunks.isEmpty:
             // A received snapshot that does not verify (a corrupted transfer, or one resumed from a
@@ -836,6 +839,8 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         serveReads()
         if let lost = lostLeader {
             lostLeader = nil
+            // Entries this Ready committed are answered with their results, not `leaderChanged`.
+            drainApplies()
             failHanded(to: lost)
             // A membership change this Ready did not apply may never be (it went to the old leader).
             changes.values.forEach { $0.fail(NodeError.leaderChanged) }
@@ -925,8 +930,14 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     }
 
     private func maybeSnapshot() {
-        // (While batches are applied off the loop, `finishApplied` calls again once they are.)
-        guard !snapshotting, !closing, stopped == nil, applying == 0 else { return }
+        guard !snapshotting, !closing, stopped == nil else { return }
+        if applying > 0 {
+            // The machine is ahead of `appliedIndex` while batches are out. Under sustained load
+            // the apply thread may never run dry: a snapshot that is due (or asked for) waits
+            // for it here instead.
+            guard snapshotWanted() else { return }
+            drainApplies()
+        }
         // (A snapshot being installed moves the storage's index before `appliedIndex` follows.)
         guard appliedIndex >= storage.snapshot.index else { return }
         let logBytes = storage.log.bytesWritten &- logBytesAtSnapshot
@@ -938,6 +949,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         // once per index, so a file that can never verify is not rewritten forever.
         let damaged = storage.damagedSnapshot.map { $0.index != rewroteDamaged } ?? false
         if damaged { rewroteDamaged = storage.damagedSnapshot?.index }
+        // (`snapshotWanted` asks the same, without the side effect.)
         guard due || damaged || !checkpointWaiters.isEmpty else { return }
         guard appliedIndex > storage.snapshot.index || (damaged && appliedIndex == storage.snapshot.index && appliedIndex > .zero),
               let term = raft.term(at: appliedIndex) else {
@@ -976,6 +988,17 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
                 self.maybeSnapshot()
             }
         }
+    }
+
+    /// Whether `maybeSnapshot` would take a snapshot if `appliedIndex` were the machine's.
+    private func snapshotWanted() -> Bool {
+        let logBytes = storage.log.bytesWritten &- logBytesAtSnapshot
+        guard appliedIndex >= storage.snapshot.index else { return false }
+        let due = (appliedIndex.rawValue - storage.snapshot.index.rawValue >= configuration.snapshotInterval
+                   || (configuration.snapshotLogBytes > 0 && logBytes >= configuration.snapshotLogBytes))
+            && logGrewEnough(logBytes)
+        let damaged = storage.damagedSnapshot.map { $0.index != rewroteDamaged } ?? false
+        return due || damaged || !checkpointWaiters.isEmpty
     }
 
     /// Applies committed entries in order: on the loop, or, for a leader's large batch, on

@@ -13,7 +13,7 @@ import NIOPosix
 
 /// A replicated state machine that only counts.
 final class CountingReplica: StateMachine, @unchecked Sendable {
-    // @unchecked Sendable: used only on the node's event loop.
+    // @unchecked Sendable: the node calls it one call at a time (its loop or its apply thread).
     var count: UInt64 = 0
     struct Snapshot: CheckpointSource {
         let count: UInt64

@@ -677,9 +677,8 @@ extension NodeAPITests {
         }
         let (offLoop, state, applied) = try await node.inspect { machine, index in (machine.appliedOffLoop, machine.values, index) }.get()
         #expect(offLoop > 0, "batches were applied off the loop")
-        let status = try await node.status()
-        #expect(status.snapshotIndex > .zero, "checkpoints were taken meanwhile")
-        #expect(applied == status.appliedIndex)
+        #expect(applied == (try await node.status()).appliedIndex)
+        #expect(try await eventually { try await node.status().snapshotIndex > .zero }, "checkpoints were taken meanwhile")
         await node.shutdown()
 
         // A restart recovers the newest checkpoint and replays the log after it: with a
