@@ -27,6 +27,9 @@ struct ServerStats {
     var expiredKeys = 0
     var lastCheckpointUnixSeconds: Int64 = 0
     var checkpointsTaken = 0
+    /// The node's checkpoint index when the sweeper last looked (nil before it first did): a
+    /// higher one is a checkpoint taken since (automatic, or received from the leader).
+    var checkpointIndexSeen: UInt64?
     var writeLatency = LatencyHistogram()
     var readLatency = LatencyHistogram()
 }
@@ -162,7 +165,9 @@ public final class KeelServer: @unchecked Sendable {
     }
 
     private func sweep() async {
-        guard let status = try? await node.status(), status.role == .leader else { return }
+        guard let status = try? await node.status() else { return }
+        noteCheckpoint(at: status.snapshotIndex.rawValue)
+        guard status.role == .leader else { return }
         let now = Self.nowMilliseconds()
         let keys: [ExpiredKey] = (try? await node.read(consistency: .local) { store -> [ExpiredKey] in
             var random = SystemRandomNumberGenerator()

@@ -406,10 +406,22 @@ extension RESPConnection {
 extension KeelServer {
     /// Takes a checkpoint now and records when.
     func checkpoint() async throws {
-        _ = try await node.checkpoint()
+        let index = try await node.checkpoint()
         stats.withLockedValue {
             $0.lastCheckpointUnixSeconds = Int64(Date().timeIntervalSince1970)
             $0.checkpointsTaken += 1
+            $0.checkpointIndexSeen = max($0.checkpointIndexSeen ?? 0, index.rawValue)
+        }
+    }
+
+    /// Counts a checkpoint the node took by itself (its thresholds) or received, for LASTSAVE,
+    /// INFO and /metrics: the sweeper reports the node's checkpoint index every 100 ms.
+    func noteCheckpoint(at index: UInt64) {
+        stats.withLockedValue { stats in
+            defer { stats.checkpointIndexSeen = max(stats.checkpointIndexSeen ?? index, index) }
+            guard let seen = stats.checkpointIndexSeen, index > seen else { return }
+            stats.lastCheckpointUnixSeconds = Int64(Date().timeIntervalSince1970)
+            stats.checkpointsTaken += 1
         }
     }
 

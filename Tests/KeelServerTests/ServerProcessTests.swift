@@ -217,6 +217,35 @@ struct ServerProcessTests {
         _ = await secured.stop()
     }
 
+    @Test("checkpoints the thresholds take count in INFO and LASTSAVE, not only SAVE's; the checkpoint a restart recovers does not")
+    func automaticCheckpointsCount() async throws {
+        let directory = temporaryDirectory("autosave")
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let server = ServerProcess(directory: directory, extra: ["--checkpoint-log-bytes", "65536", "--checkpoint-log-growth", "0"])
+        try await server.start()
+        func taken() async -> Int? {
+            await server.cli("INFO", "persistence").split(whereSeparator: \.isNewline)
+                .first { $0.hasPrefix("keel_checkpoints_taken:") }.flatMap { Int($0.split(separator: ":")[1]) }
+        }
+        #expect(await taken() == 0)
+        let result = await runTool(which("redis-benchmark"), ["-p", String(server.port), "-t", "set", "-n", "5000", "-c", "10",
+                                                             "-d", "100", "-r", "1000", "-q"])
+        #expect(result.status == 0, "\(result.output)")
+        var count = 0
+        for _ in 0..<100 where count == 0 {
+            try await Task.sleep(for: .milliseconds(50))
+            count = await taken() ?? 0
+        }
+        #expect(count > 0, "about 750 KB of log at a 64 KiB threshold, no SAVE: checkpoints were taken and counted")
+        #expect(await server.stop() == 0)
+        try await server.start()
+        try await Task.sleep(for: .milliseconds(400))
+        #expect(await taken() == 0, "the checkpoint recovered at start is not a new one")
+        #expect(await server.cli("SAVE") == "OK")
+        #expect(await taken() == 1)
+        _ = await server.stop()
+    }
+
     @Test("redis-benchmark as a smoke load: every request answered, nothing refused")
     func redisBenchmark() async throws {
         let directory = temporaryDirectory("bench")
