@@ -200,6 +200,16 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
     private var lastCommand = ""
     private var lastCommandChanged = false
 
+    /// `--timeout`: nothing read or written for that long closes the connection, unless a
+    /// request is still being answered (a long WAIT) or waits its turn.
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let idle = event as? IdleStateHandler.IdleStateEvent, idle == .all {
+            if !busy, pending.isEmpty, unsent.isEmpty { context.close(promise: nil) }
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         context.close(promise: nil)
     }

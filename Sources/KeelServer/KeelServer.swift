@@ -85,13 +85,28 @@ public final class KeelServer: @unchecked Sendable {
         }
         let server = KeelServer(configuration: configuration, group: group, nodeGroup: nodeGroup, node: node, logger: logger)
         do {
-            let channel = try await ServerBootstrap(group: group)
+            var bootstrap = ServerBootstrap(group: group)
                 .serverChannelOption(.backlog, value: 511)
                 .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
                 .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            if configuration.tcpKeepalive > 0 {
+                // As Redis: probes after `tcpKeepalive` seconds of silence, then every third of
+                // that, and the connection is dropped after 3 unanswered.
+                let idle = SocketOptionValue(configuration.tcpKeepalive)
+                bootstrap = bootstrap
+                    .childChannelOption(.socketOption(.so_keepalive), value: 1)
+                    .childChannelOption(ChannelOptions.Types.SocketOption(level: .tcp, name: .init(rawValue: TCP_KEEPIDLE)), value: idle)
+                    .childChannelOption(ChannelOptions.Types.SocketOption(level: .tcp, name: .init(rawValue: TCP_KEEPINTVL)), value: max(1, idle / 3))
+                    .childChannelOption(ChannelOptions.Types.SocketOption(level: .tcp, name: .init(rawValue: TCP_KEEPCNT)), value: 3)
+            }
+            let timeout = configuration.timeout
+            let channel = try await bootstrap
                 .childChannelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
                         let authentication = AuthenticationLimits(limited: configuration.requirePassword != nil)
+                        if timeout > 0 {
+                            try channel.pipeline.syncOperations.addHandler(IdleStateHandler(allTimeout: .seconds(Int64(timeout))))
+                        }
                         try channel.pipeline.syncOperations.addHandler(RESPConnection(server: server, authentication: authentication))
                     }
                 }

@@ -344,7 +344,7 @@ extension RESPConnection {
             ("maxmemory-policy", "noeviction"), ("maxclients", String(configuration.maxClients)),
             ("proto-max-bulk-len", String(configuration.limits.bulkLengthMax)),
             ("client-query-buffer-limit", String(configuration.limits.queryBufferMax)), ("dir", configuration.dataDirectory),
-            ("requirepass", configuration.requirePassword == nil ? "" : "********"), ("timeout", "0"), ("tcp-keepalive", "300"),
+            ("requirepass", configuration.requirePassword == nil ? "" : "********"), ("timeout", String(configuration.timeout)), ("tcp-keepalive", String(configuration.tcpKeepalive)),
             ("cluster-enabled", "no"), ("replica-read-only", "yes"),
             // Checkpoints play the part of AOF rewrites.
             ("auto-aof-rewrite-percentage", String(configuration.checkpointLogGrowth)),

@@ -31,6 +31,13 @@ public struct ServerConfiguration: Sendable {
     public var limits = RESPLimits()
     /// The most client connections at once.
     public var maxClients = 10_000
+    /// Seconds a client may send nothing and be sent nothing, with no request in progress, before
+    /// its connection is closed (Redis's `timeout`); 0, the default, never.
+    public var timeout = 0
+    /// Seconds of silence after which the kernel probes a client connection (TCP keepalive, as
+    /// Redis's `tcp-keepalive`, 300 by default: a client whose machine vanished is dropped after
+    /// about 2 × this); 0 turns it off.
+    public var tcpKeepalive = 300
     /// This node, and for a cluster where every member listens for peers (this node included).
     public var nodeID = NodeID(1)
     public var peerPort = 16379
@@ -69,6 +76,8 @@ public struct ServerConfiguration: Sendable {
         guard checkpointLogGrowth <= 1_000_000 else { throw .invalidArgument("--checkpoint-log-growth must be in 0...1000000") }
         guard (1...128).contains(ioThreads) else { throw .invalidArgument("--io-threads must be in 1...128") }
         guard (1...1_000_000).contains(maxClients) else { throw .invalidArgument("--maxclients must be in 1...1000000") }
+        guard (0...Int(Int32.max)).contains(timeout) else { throw .invalidArgument("--timeout must be in 0...2147483647") }
+        guard (0...32767).contains(tcpKeepalive) else { throw .invalidArgument("--tcp-keepalive must be in 0...32767") }
         guard limits.bulkLengthMax >= 1, limits.multibulkLengthMax >= 1, limits.inlineLengthMax >= 16, limits.queryBufferMax >= 1024 else {
             throw .invalidArgument("protocol limits are too small")
         }

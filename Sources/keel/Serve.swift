@@ -35,6 +35,8 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .customLong("checkpoint-log-growth"), help: "A due checkpoint also waits until the log since the last one is this percentage of that checkpoint's size (default 100; 0 turns this off).") var checkpointLogGrowth: UInt64?
     @Option(name: .customLong("log-segment-bytes"), help: "Size at which a log segment is sealed and the next begun (default 67108864; 1 MiB to 1 GiB).") var logSegmentBytes: Int?
     @Option(help: "Most client connections (default 10000).") var maxclients: Int?
+    @Option(help: "Close a client connection idle this many seconds (default 0: never).") var timeout: Int?
+    @Option(name: .customLong("tcp-keepalive"), help: "Seconds of silence before TCP keepalive probes a client (default 300; 0 turns it off).") var tcpKeepalive: Int?
     @Option(name: .customLong("proto-max-bulk-len"), help: "Longest bulk string in bytes (default 536870912).") var protoMaxBulkLen: Int?
     @Option(name: .customLong("client-query-buffer-limit"), help: "Most unparsed bytes per client (default 1073741824).") var queryBufferLimit: Int?
     @Option(name: .customLong("io-threads"), help: "Event loop threads for connections and the node (default: half the cores, 1 to 8; with 1 nothing hops between threads).") var ioThreads: Int?
@@ -74,6 +76,8 @@ struct Serve: AsyncParsableCommand {
         settings.checkpointLogGrowth = try number(checkpointLogGrowth, "checkpoint-log-growth") ?? settings.checkpointLogGrowth
         settings.logSegmentBytes = try number(logSegmentBytes, "log-segment-bytes") ?? settings.logSegmentBytes
         settings.maxClients = try number(maxclients, "maxclients") ?? settings.maxClients
+        settings.timeout = try number(timeout, "timeout") ?? settings.timeout
+        settings.tcpKeepalive = try number(tcpKeepalive, "tcp-keepalive") ?? settings.tcpKeepalive
         settings.limits.bulkLengthMax = try number(protoMaxBulkLen, "proto-max-bulk-len") ?? settings.limits.bulkLengthMax
         settings.limits.queryBufferMax = try number(queryBufferLimit, "client-query-buffer-limit") ?? settings.limits.queryBufferMax
         settings.ioThreads = try number(ioThreads, "io-threads") ?? settings.ioThreads

@@ -246,6 +246,57 @@ struct ServerProcessTests {
         _ = await server.stop()
     }
 
+    @Test("--timeout closes a connection idle that long (not an active one), CONFIG GET tells both settings, and client sockets have TCP keepalive unless --tcp-keepalive 0")
+    func idleTimeoutAndKeepalive() async throws {
+        let directory = temporaryDirectory("timeout")
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let server = ServerProcess(directory: directory, extra: ["--timeout", "1", "--tcp-keepalive", "60"])
+        try await server.start()
+        #expect(await server.cli("CONFIG", "GET", "timeout") == "timeout\n1")
+        #expect(await server.cli("CONFIG", "GET", "tcp-keepalive") == "tcp-keepalive\n60")
+        // Two raw clients: one silent, one sending PING every 300 ms; after 3 s the silent one's
+        // socket reads end-of-stream (closed by the server) and the other still gets PONG.
+        let script = """
+        import socket, sys, time, subprocess
+        port = int(sys.argv[1])
+        quiet = socket.create_connection(("127.0.0.1", port))
+        busy = socket.create_connection(("127.0.0.1", port))
+        # The server's side of each connection: the keepalive timer shows in ss's timer column.
+        time.sleep(0.2)
+        ss = subprocess.run(["ss", "-tnoH", "state", "established", "( sport = :%d )" % port], capture_output=True, text=True).stdout
+        print("keepalive" if ss.count("keepalive") >= 2 else "no keepalive: " + ss)
+        start = time.time()
+        while time.time() - start < 3.0:
+            busy.sendall(b"PING\\r\\n")
+            assert busy.recv(64) == b"+PONG\\r\\n"
+            time.sleep(0.3)
+        quiet.settimeout(5)
+        print("quiet closed" if quiet.recv(64) == b"" else "quiet open")
+        busy.sendall(b"PING\\r\\n")
+        print("busy open" if busy.recv(64) == b"+PONG\\r\\n" else "busy closed")
+        """
+        let result = await runTool(which("python3"), ["-c", script, String(server.port)])
+        #expect(result.output.contains("keepalive\n"), "\(result.output)")
+        #expect(result.output.contains("quiet closed"), "\(result.output)")
+        #expect(result.output.contains("busy open"), "\(result.output)")
+        _ = await server.stop()
+
+        // The defaults: no idle timeout, keepalive 300 s; --tcp-keepalive 0 turns it off.
+        let plain = ServerProcess(directory: directory, extra: ["--tcp-keepalive", "0"])
+        try await plain.start()
+        #expect(await plain.cli("CONFIG", "GET", "timeout") == "timeout\n0")
+        let off = await runTool(which("python3"), ["-c", """
+        import socket, sys, time, subprocess
+        port = int(sys.argv[1])
+        c = socket.create_connection(("127.0.0.1", port))
+        time.sleep(0.2)
+        ss = subprocess.run(["ss", "-tnoH", "state", "established", "( sport = :%d )" % port], capture_output=True, text=True).stdout
+        print("keepalive" if "keepalive" in ss else "none")
+        """, String(plain.port)])
+        #expect(off.output.contains("none"), "\(off.output)")
+        _ = await plain.stop()
+    }
+
     @Test("redis-benchmark as a smoke load: every request answered, nothing refused")
     func redisBenchmark() async throws {
         let directory = temporaryDirectory("bench")
