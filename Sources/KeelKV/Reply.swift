@@ -43,9 +43,21 @@ public enum Reply: Sendable, Equatable {
     // MARK: - Binary form (tag byte, then the value)
 
     public var encoded: [UInt8] {
-        var writer = ByteWriter()
+        // Sized exactly: a pipelined batch's array of replies grew through four allocations.
+        var writer = ByteWriter(capacity: encodedSize)
         encode(into: &writer)
         return writer.bytes
+    }
+
+    /// The length of `encoded` (its buffer is allocated once, at this size).
+    public var encodedSize: Int {
+        switch self {
+        case .simple(let text), .error(let text): 5 + text.utf8.count
+        case .integer, .double: 9
+        case .bulk(let bytes): bytes.map { 5 + $0.count } ?? 1
+        case .array(let items): items.map { $0.reduce(5) { $0 + $1.encodedSize } } ?? 1
+        case .map(let pairs): pairs.reduce(5) { $0 + $1.0.encodedSize + $1.1.encodedSize }
+        }
     }
 
     func encode(into writer: inout ByteWriter) {

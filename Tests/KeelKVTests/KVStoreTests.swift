@@ -307,6 +307,20 @@ struct KVStoreTests {
             + commands.reduce(0) { $0 + KVEntry.queuedCommandSize($1.name, $1.arguments) })
     }
 
+    @Test("a reply's encodedSize is the length of its encoding, for every kind, nested ones included")
+    func replyEncodedSizeIsExact() {
+        let replies: [Reply] = [
+            .ok, .simple(""), .error("ERR x é"), .integer(-5), .double(2.5), .bulk(nil), .bulk([]), .bulk(Array(repeating: 1, count: 300)),
+            .array(nil), .array([]), .array(Array(repeating: .ok, count: 16)),
+            .array([.integer(1), .array([.bulk(Array("a".utf8)), .null]), .map([(.simple("k"), .array([.double(1)]))])]),
+            .map([]), .map([(.bulk(Array("key".utf8)), .integer(3)), (.simple("s"), .error("E"))]),
+        ]
+        for reply in replies {
+            #expect(reply.encodedSize == reply.encoded.count, "\(reply)")
+            #expect(Reply(decoding: reply.encoded) == reply)
+        }
+    }
+
     @Test("a snapshot restores the same state, and two replicas that applied the same entries write the same bytes")
     func snapshots() throws {
         let h = Harness()
