@@ -554,7 +554,7 @@ extension Process {
 }
 
 extension ServerProcessTests {
-    @Test("bad values for --log-segment-bytes, --checkpoint-log-growth, --peer-routes and keel torture's flags are refused with a clear error")
+    @Test("bad values for --log-segment-bytes, --checkpoint-log-growth, --peer-routes, --timeout, --tcp-keepalive and keel torture's flags are refused with a clear error")
     func badFlags() async throws {
         let keel = products() + "/keel"
         let directory = temporaryDirectory("flags")
@@ -565,6 +565,10 @@ extension ServerProcessTests {
         #expect(growth.status != 0 && growth.output.contains("--checkpoint-log-growth must be in 0...1000000"), "\(growth.output)")
         let routes = await runTool(keel, ["serve", "--port", String(freePort()), "--data-dir", directory, "--peer-routes", "2=nowhere"])
         #expect(routes.status != 0 && routes.output.contains("--peer-routes takes id=host:port items"), "\(routes.output)")
+        let timeout = await runTool(keel, ["serve", "--port", String(freePort()), "--data-dir", directory, "--timeout=-1"])
+        #expect(timeout.status != 0 && timeout.output.contains("--timeout must be in 0...2147483647"), "\(timeout.output)")
+        let keepalive = await runTool(keel, ["serve", "--port", String(freePort()), "--data-dir", directory, "--tcp-keepalive", "40000"])
+        #expect(keepalive.status != 0 && keepalive.output.contains("--tcp-keepalive must be in 0...32767"), "\(keepalive.output)")
         let nodes = await runTool(keel, ["torture", "--nodes", "2", "--work-dir", directory + "/torture"])
         #expect(nodes.status == 2 && nodes.output.contains("--nodes takes 1, 3 or 5"), "\(nodes.output)")
         let kind = await runTool(keel, ["torture", "--faults", "kill,flood"])
