@@ -28,7 +28,7 @@ import Logging
 import NIOPosix
 
 final class StringMap: StateMachine, @unchecked Sendable {
-    // @unchecked Sendable: used only on the node's event loop.
+    // @unchecked Sendable: the node calls it one call at a time (its loop or its apply thread).
     var values: [String: String] = [:]
 
     struct Snapshot: CheckpointSource {
