@@ -931,13 +931,6 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
 
     private func maybeSnapshot() {
         guard !snapshotting, !closing, stopped == nil else { return }
-        if applying > 0 {
-            // The machine is ahead of `appliedIndex` while batches are out. Under sustained load
-            // the apply thread may never run dry: a snapshot that is due (or asked for) waits
-            // for it here instead.
-            guard snapshotWanted() else { return }
-            drainApplies()
-        }
         // (A snapshot being installed moves the storage's index before `appliedIndex` follows.)
         guard appliedIndex >= storage.snapshot.index else { return }
         let logBytes = storage.log.bytesWritten &- logBytesAtSnapshot
@@ -948,9 +941,12 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         // fresh one (at the same index if nothing was applied since) instead of sending bad bytes;
         // once per index, so a file that can never verify is not rewritten forever.
         let damaged = storage.damagedSnapshot.map { $0.index != rewroteDamaged } ?? false
-        if damaged { rewroteDamaged = storage.damagedSnapshot?.index }
-        // (`snapshotWanted` asks the same, without the side effect.)
         guard due || damaged || !checkpointWaiters.isEmpty else { return }
+        if damaged { rewroteDamaged = storage.damagedSnapshot?.index }
+        // The machine is ahead of `appliedIndex` while batches are out (which only moves the
+        // index on, so what is due stays due). Under sustained load the apply thread may never
+        // run dry: a snapshot that is due, or asked for, waits for it here.
+        drainApplies()
         guard appliedIndex > storage.snapshot.index || (damaged && appliedIndex == storage.snapshot.index && appliedIndex > .zero),
               let term = raft.term(at: appliedIndex) else {
             // Nothing new since the last checkpoint, or (at index 0) nothing applied yet: the
@@ -988,17 +984,6 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
                 self.maybeSnapshot()
             }
         }
-    }
-
-    /// Whether `maybeSnapshot` would take a snapshot if `appliedIndex` were the machine's.
-    private func snapshotWanted() -> Bool {
-        let logBytes = storage.log.bytesWritten &- logBytesAtSnapshot
-        guard appliedIndex >= storage.snapshot.index else { return false }
-        let due = (appliedIndex.rawValue - storage.snapshot.index.rawValue >= configuration.snapshotInterval
-                   || (configuration.snapshotLogBytes > 0 && logBytes >= configuration.snapshotLogBytes))
-            && logGrewEnough(logBytes)
-        let damaged = storage.damagedSnapshot.map { $0.index != rewroteDamaged } ?? false
-        return due || damaged || !checkpointWaiters.isEmpty
     }
 
     /// Applies committed entries in order: on the loop, or, for a leader's large batch, on
