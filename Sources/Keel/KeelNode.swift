@@ -63,9 +63,13 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     /// not a weak one: a weak reference gives an object a side table, and every retain and
     /// release of it then takes the runtime's slow path; the node is retained on every request).
     private let delivery = NIOLockedValueBox<KeelNode?>(nil)
-    /// Held by the loop while it changes the state machine, and by `readDirectly` on other
-    /// threads while it reads it; guards the three fields below (written on the loop only).
+    /// Held while the state machine changes (on the loop, or on the apply thread) and by
+    /// `readDirectly` while it reads it; guards `directApplied`.
     private let machineLock = NIOLock()
+    /// Guards `directReadsAllowed` and `directCommit` (written on the loop only, read by
+    /// `readDirectly` under `machineLock`). Not `machineLock` itself: the loop raises the commit
+    /// index with every Ready, and would wait there while the apply thread applies a batch.
+    private let directLock = NIOLock()
     /// This node is the only voter and leads, and serves: its applied state is linearizable once
     /// it has applied everything it committed.
     private var directReadsAllowed = false
@@ -336,7 +340,10 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     /// not keep references to the state.
     public func readDirectly<T>(_ body: (Machine) -> T) -> T? {
         machineLock.withLock {
-            guard directReadsAllowed, directApplied >= directCommit else { return nil }
+            // A commit index raised just after this look is one whose new entries no caller has
+            // been answered for yet (they are answered once applied, and applying needs this lock).
+            let (allowed, commit) = directLock.withLock { (directReadsAllowed, directCommit) }
+            guard allowed, directApplied >= commit else { return nil }
             return body(machine)
         }
     }
@@ -351,7 +358,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         let allowed = raft.isSoleVoterLeader && refusal() == nil
         let commit = raft.commitIndex
         guard allowed != directReadsAllowed || commit > directCommit else { return }
-        machineLock.withLock {
+        directLock.withLock {
             directReadsAllowed = allowed
             directCommit = max(directCommit, commit)
         }
@@ -682,7 +689,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         guard raft.hasReady else { return }
         let ready = raft.ready()
         let commit = raft.commitIndex
-        if commit > directCommit { machineLock.withLock { directCommit = commit } }
+        if commit > directCommit { directLock.withLock { directCommit = commit } }
         if let soft = ready.softState { noteSoftState(soft) }
         learnAddresses(from: ready.entries)
         // A leader's appends go out while they are written, unless this Ready changes the term
