@@ -111,6 +111,39 @@ public enum KVEntry: Sendable, Equatable {
         return writer.bytes
     }
 
+    /// Writes a transaction without watched keys (a connection's pipelined writes) one command at
+    /// a time, straight into its bytes: the same bytes as `transaction(watched: [], commands:)`'s
+    /// `encoded(now:)`, without the commands gathered first.
+    public struct BatchWriter {
+        var writer: ByteWriter
+        /// The number of commands written.
+        public private(set) var count = 0
+
+        /// `capacity`: about the bytes the commands will take.
+        public init(now: Int64, capacity: Int) {
+            writer = ByteWriter(capacity: KVEntry.transactionHeaderSize + capacity)
+            writer.write(UInt8(1))
+            writer.write(UInt64(bitPattern: now))
+            writer.write(UInt8(2))
+            writer.write(UInt32(0))
+            writer.write(UInt32(0))
+        }
+
+        public mutating func append(database: Int, name: String, arguments: [[UInt8]]) {
+            writer.write(UInt8(database))
+            writer.writeLengthPrefixed(name.utf8)
+            writer.write(UInt32(arguments.count))
+            for argument in arguments { writer.writeLengthPrefixed(argument) }
+            count += 1
+        }
+
+        /// The entry's bytes.
+        public consuming func finish() -> [UInt8] {
+            writer.overwrite(UInt32(count), at: KVEntry.transactionHeaderSize - 4)
+            return writer.bytes
+        }
+    }
+
     /// About the encoded size (the writer's first allocation).
     /// The bytes `encoded(now:)` gives (docs/formats/kv.md).
     public var encodedSize: Int {

@@ -514,17 +514,9 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
             return write(.error(error.message))
         }
         if command.isWrite {
-            var group = [KVEntry.QueuedCommand(database: database, name: name, arguments: arguments)]
-            group.reserveCapacity(min(pending.count + 1, 1024))
-            var bytes = arguments.reduce(0) { $0 + $1.count }
-            while group.count < 1024, bytes < 1 << 20, let next = nextKeyValue(now: now), next.command.isWrite {
-                bytes += next.arguments.reduce(0) { $0 + $1.count }
-                pending.removeFirst()
-                processed += 1
-                group.append(KVEntry.QueuedCommand(database: database, name: next.name, arguments: next.arguments))
-            }
             let node = server.node
-            if group.count == 1 {
+            var bytes = arguments.reduce(0) { $0 + $1.count }
+            guard bytes < Self.batchArgumentBytesMax, let second = nextKeyValue(now: now), second.command.isWrite else {
                 let entry = KVEntry.command(database: database, name: name, arguments: arguments).encoded(now: now)
                 answerLater(kind: .write) { done in
                     node.propose(entry) { result in
@@ -537,9 +529,23 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
                 return
             }
             // Pipelined writes travel as one log entry (applied together, in order: a stronger
-            // guarantee than Redis gives them, at a fraction of the cost per command).
-            let count = group.count
-            let batch = KVEntry.transaction(watched: [], commands: group).encoded(now: now)
+            // guarantee than Redis gives them, at a fraction of the cost per command), written as
+            // they are taken: up to 1,024 commands, and about 1 MiB of arguments.
+            let firstSize = KVEntry.queuedCommandSize(name, arguments)
+            var writer = KVEntry.BatchWriter(now: now, capacity: min(firstSize * min(pending.count + 1, Self.batchCommandsMax),
+                                                                     Self.batchArgumentBytesMax))
+            writer.append(database: database, name: name, arguments: arguments)
+            var next: (name: String, arguments: [[UInt8]], command: KVCommand)? = second
+            while let taken = next {
+                bytes += taken.arguments.reduce(0) { $0 + $1.count }
+                pending.removeFirst()
+                processed += 1
+                writer.append(database: database, name: taken.name, arguments: taken.arguments)
+                guard writer.count < Self.batchCommandsMax, bytes < Self.batchArgumentBytesMax, let following = nextKeyValue(now: now), following.command.isWrite else { break }
+                next = following
+            }
+            let count = writer.count
+            let batch = writer.finish()
             answerLater(kind: .write) { done in
                 node.propose(batch) { result in
                     switch result {
@@ -555,7 +561,7 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
             }
         } else {
             var group = [command]
-            while group.count < 1024, let next = nextKeyValue(now: now), !next.command.isWrite {
+            while group.count < Self.batchCommandsMax, let next = nextKeyValue(now: now), !next.command.isWrite {
                 pending.removeFirst()
                 processed += 1
                 group.append(next.command)
@@ -591,6 +597,11 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
             }
         }
     }
+
+    /// A batch of pipelined writes (one log entry) takes commands while it has fewer than this
+    /// many, and fewer argument bytes than the second.
+    static let batchCommandsMax = 1024
+    static let batchArgumentBytesMax = 1 << 20
 
     /// The next pending request if it is a key-value command that parses (for grouping).
     private func nextKeyValue(now: Int64) -> (name: String, arguments: [[UInt8]], command: KVCommand)? {

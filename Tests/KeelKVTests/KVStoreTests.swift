@@ -307,6 +307,30 @@ struct KVStoreTests {
             + commands.reduce(0) { $0 + KVEntry.queuedCommandSize($1.name, $1.arguments) })
     }
 
+    @Test("BatchWriter writes the bytes of a transaction without watched keys, command by command, and they decode and apply")
+    func batchWriterMatchesTransaction() throws {
+        var random = SeededRandom(seed: 7)
+        for round in 0..<50 {
+            let count = round == 0 ? 0 : Int(random.next() % 40) + 1
+            let commands = (0..<count).map { index in
+                KVEntry.QueuedCommand(database: Int(random.next() % 16), name: index % 3 == 0 ? "set" : "incrby",
+                                      arguments: (0..<Int(random.next() % 4)).map { _ in (0..<Int(random.next() % 70)).map { _ in UInt8(truncatingIfNeeded: random.next()) } })
+            }
+            let now = Int64(random.next() % 1_000_000)
+            var writer = KVEntry.BatchWriter(now: now, capacity: Int(random.next() % 100))
+            for command in commands { writer.append(database: command.database, name: command.name, arguments: command.arguments) }
+            #expect(writer.count == count)
+            let written = writer.finish()
+            #expect(written == KVEntry.transaction(watched: [], commands: commands).encoded(now: now))
+            let (decodedNow, decoded) = try KVEntry.decode(written)
+            #expect(decodedNow == now && decoded == .transaction(watched: [], commands: commands))
+        }
+        var writer = KVEntry.BatchWriter(now: 1_000, capacity: 0)
+        writer.append(database: 0, name: "set", arguments: [Array("k".utf8), Array("v".utf8)])
+        writer.append(database: 0, name: "get", arguments: [Array("k".utf8)])
+        #expect(Reply(decoding: KVStore().apply(writer.finish())) == .array([.ok, .bulk("v")]))
+    }
+
     @Test("a reply's encodedSize is the length of its encoding, for every kind, nested ones included")
     func replyEncodedSizeIsExact() {
         let replies: [Reply] = [

@@ -437,14 +437,16 @@ extension ServerProcessTests {
     func http() async throws {
         let directory = temporaryDirectory("http")
         defer { try? FileManager.default.removeItem(atPath: directory) }
+        // Looked for before the server starts: a missing browser ends the test here, and a server
+        // left running would hold the default peer port that later tests' servers take.
+        let browser = ["chromium", "chromium-browser", "google-chrome"].map(which).first { FileManager.default.isExecutableFile(atPath: $0) }
+        let chromium = try #require(browser, "a headless browser (chromium) is installed (.ci/run installs it)")
         let httpPort = freePort()
         let server = ServerProcess(directory: directory, extra: ["--http-port", String(httpPort)])
         try await server.start()
         let checked = await runTool(which("python3"), [checks, "http", String(server.port), String(httpPort)])
         #expect(checked.status == 0, "\(checked.output)")
         // A real browser renders the page: the DOM it builds shows the node leading and its member row.
-        let browser = ["chromium", "chromium-browser", "google-chrome"].map(which).first { FileManager.default.isExecutableFile(atPath: $0) }
-        let chromium = try #require(browser, "a headless browser (chromium) is installed (.ci/run installs it)")
         let profile = directory + "-browser"
         defer { try? FileManager.default.removeItem(atPath: profile) }
         let dom = await runTool(chromium, ["--headless", "--no-sandbox", "--disable-gpu", "--user-data-dir=\(profile)", "--dump-dom",
