@@ -41,8 +41,8 @@ def basic(port, protocol):
     check(r.append("greeting", " world") == 11 and r.strlen("greeting") == 11, "APPEND/STRLEN")
     check(r.getrange("greeting", 0, 4) == "hello", "GETRANGE")
     check(r.mset({"a": "1", "b": "2"}) is True and r.mget("a", "b", "nope") == ["1", "2", None], "MSET/MGET")
-    check(r.expire("a", 100) is True and 99 <= r.ttl("a") <= 100, "EXPIRE/TTL")
-    check(r.pexpire("b", 100000) and 99000 <= r.pttl("b") <= 100000, "PEXPIRE/PTTL")
+    check(r.expire("a", 100) is True and 90 <= r.ttl("a") <= 100, "EXPIRE/TTL")  # seconds left; a loaded machine may be slow
+    check(r.pexpire("b", 100000) and 90000 <= r.pttl("b") <= 100000, "PEXPIRE/PTTL")
     check(r.persist("a") is True and r.ttl("a") == -1, "PERSIST")
     r.set("short", "v", px=50)
     time.sleep(0.2)
