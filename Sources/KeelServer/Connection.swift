@@ -555,24 +555,30 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
         }
         if command.isWrite {
             let node = server.node
-            var bytes = arguments.reduce(0) { $0 + $1.count }
-            guard bytes < Self.batchArgumentBytesMax, let second = nextKeyValue(now: now), second.command.isWrite else {
+            // A command joins the batch only if the batch's arguments stay within the bound, so a
+            // batch is never refused for its size: a command over the entry's limit goes alone
+            // and is refused alone (it used to take the writes batched with it down too).
+            func argumentBytes(_ arguments: [[UInt8]]) -> Int { arguments.reduce(0) { $0 + $1.count } }
+            var bytes = argumentBytes(arguments)
+            guard let second = nextKeyValue(now: now), second.command.isWrite,
+                  bytes + argumentBytes(second.arguments) <= Self.batchArgumentBytesMax else {
                 return proposeOne(KVEntry.command(database: database, name: name, arguments: arguments).encoded(now: now))
             }
             // Pipelined writes travel as one log entry (applied together, in order: a stronger
             // guarantee than Redis gives them, at a fraction of the cost per command), written as
-            // they are taken: up to 1,024 commands, and about 1 MiB of arguments.
+            // they are taken: up to 1,024 commands, and 1 MiB of arguments.
             let firstSize = KVEntry.queuedCommandSize(name, arguments)
             var writer = KVEntry.BatchWriter(now: now, capacity: min(firstSize * min(pending.count + 1, Self.batchCommandsMax),
                                                                      Self.batchArgumentBytesMax))
             writer.append(database: database, name: name, arguments: arguments)
             var next: (name: String, arguments: [[UInt8]], command: KVCommand)? = second
             while let taken = next {
-                bytes += taken.arguments.reduce(0) { $0 + $1.count }
+                bytes += argumentBytes(taken.arguments)
                 pending.removeFirst()
                 processed += 1
                 writer.append(database: database, name: taken.name, arguments: taken.arguments)
-                guard writer.count < Self.batchCommandsMax, bytes < Self.batchArgumentBytesMax, let following = nextKeyValue(now: now), following.command.isWrite else { break }
+                guard writer.count < Self.batchCommandsMax, let following = nextKeyValue(now: now), following.command.isWrite,
+                      bytes + argumentBytes(following.arguments) <= Self.batchArgumentBytesMax else { break }
                 next = following
             }
             let count = writer.count
@@ -629,8 +635,8 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
         }
     }
 
-    /// A batch of pipelined writes (one log entry) takes commands while it has fewer than this
-    /// many, and fewer argument bytes than the second.
+    /// A batch of pipelined writes (one log entry) takes at most this many commands, with at most
+    /// the second's bytes of arguments (well under the entry's limit, `commandSizeMax`).
     static let batchCommandsMax = 1024
     static let batchArgumentBytesMax = 1 << 20
 

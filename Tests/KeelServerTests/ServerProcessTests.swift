@@ -186,7 +186,7 @@ struct ServerProcessTests {
         }
     }
 
-    @Test("redis-py over RESP2 and RESP3, malformed protocol on raw sockets, transaction size limits, and requirepass")
+    @Test("redis-py over RESP2 and RESP3, malformed protocol on raw sockets, transaction and pipelined-batch size limits, and requirepass")
     func redisPy() async throws {
         let directory = temporaryDirectory("py")
         defer { try? FileManager.default.removeItem(atPath: directory) }
@@ -200,6 +200,8 @@ struct ServerProcessTests {
         #expect(malformed.status == 0, "malformed protocol: \(malformed.output)")
         let limits = await runTool(which("python3"), [checks, "transaction-limits", String(server.port)])
         #expect(limits.status == 0 && limits.output.contains("ok"), "transaction limits: \(limits.output)")
+        let batches = await runTool(which("python3"), [checks, "pipelined-limits", String(server.port)])
+        #expect(batches.status == 0 && batches.output.contains("ok"), "pipelined writes' limits: \(batches.output)")
         #expect(await server.cli("PING") == "PONG", "the server still serves")
         _ = await server.stop()
         // The same with connections spread over two event loops (requests hop to the node's loop:

@@ -339,6 +339,26 @@ def pipelined_failures(port):
     print("ok", flush=True)
 
 
+def pipelined_limits(port):
+    """Pipelined writes share a log entry, up to about 1 MiB of their arguments: a write over the
+    entry's limit is refused alone, and the small ones around it are applied. (WAIT first keeps
+    the connection busy for a second, its timeout, while the rest arrives whole to be batched.)"""
+    def command(*words):
+        out = b"*%d\r\n" % len(words)
+        for word in words:
+            out += b"$%d\r\n%s\r\n" % (len(word), word)
+        return out
+    payload = (command(b"WAIT", b"1", b"1000") + command(b"SET", b"small", b"1")
+               + command(b"SET", b"big", b"x" * (9 << 20)) + command(b"SET", b"after", b"2")
+               + command(b"GET", b"small") + command(b"GET", b"after"))
+    data, closed = raw(port, payload, wait=3)
+    lines = data.split(b"\r\n")
+    check(len(lines) == 9 and lines[0] == b":0" and lines[1] == b"+OK" and lines[2].startswith(b"-ERR")
+          and b"over the limit" in lines[2] and lines[3] == b"+OK" and lines[4:8] == [b"$1", b"1", b"$1", b"2"]
+          and not closed, "only the write over the limit is refused: %r" % data[:300])
+    print("ok", flush=True)
+
+
 def transaction_limits(port):
     """A transaction and its watched keys must fit in one log entry (8 MiB): past that the server
     answers an error, keeps nothing more, and EXEC aborts; under it, EXEC runs."""
@@ -522,6 +542,8 @@ if __name__ == "__main__":
         pipelined_failures(int(sys.argv[2]))
     elif command == "transaction-limits":
         transaction_limits(int(sys.argv[2]))
+    elif command == "pipelined-limits":
+        pipelined_limits(int(sys.argv[2]))
     elif command == "slow-reader":
         slow_reader(int(sys.argv[2]))
     elif command == "verify":
