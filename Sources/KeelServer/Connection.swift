@@ -561,7 +561,7 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
             func argumentBytes(_ arguments: [[UInt8]]) -> Int { arguments.reduce(0) { $0 + $1.count } }
             var bytes = argumentBytes(arguments)
             guard let second = nextKeyValue(now: now), second.command.isWrite,
-                  bytes + argumentBytes(second.arguments) <= Self.batchArgumentBytesMax else {
+                  case let secondBytes = argumentBytes(second.arguments), bytes + secondBytes <= Self.batchArgumentBytesMax else {
                 return proposeOne(KVEntry.command(database: database, name: name, arguments: arguments).encoded(now: now))
             }
             // Pipelined writes travel as one log entry (applied together, in order: a stronger
@@ -572,14 +572,17 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
                                                                      Self.batchArgumentBytesMax))
             writer.append(database: database, name: name, arguments: arguments)
             var next: (name: String, arguments: [[UInt8]], command: KVCommand)? = second
+            var nextBytes = secondBytes
             while let taken = next {
-                bytes += argumentBytes(taken.arguments)
+                bytes += nextBytes
                 pending.removeFirst()
                 processed += 1
                 writer.append(database: database, name: taken.name, arguments: taken.arguments)
                 guard writer.count < Self.batchCommandsMax, let following = nextKeyValue(now: now), following.command.isWrite,
-                      bytes + argumentBytes(following.arguments) <= Self.batchArgumentBytesMax else { break }
+                      case let followingBytes = argumentBytes(following.arguments),
+                      bytes + followingBytes <= Self.batchArgumentBytesMax else { break }
                 next = following
+                nextBytes = followingBytes
             }
             let count = writer.count
             let batch = writer.finish()
