@@ -93,6 +93,15 @@ public struct CommandError: Error, Sendable, Equatable {
     static func arity(_ name: String) -> CommandError { CommandError("ERR wrong number of arguments for '\(name)' command") }
 }
 
+/// A command's arity (`kvCommandArity`), nil for a name this module does not execute. GET and SET,
+/// nearly every request, are answered without hashing the name (a small string compares in one step).
+@inlinable
+public func kvArity(_ name: String) -> Int? {
+    if name == "set" { return -3 }
+    if name == "get" { return 2 }
+    return kvCommandArity[name]
+}
+
 /// The names this module executes, with their arity (Redis's convention: negative means at least).
 public let kvCommandArity: [String: Int] = [
     "get": 2, "set": -3, "setnx": 3, "setex": 4, "psetex": 4, "getset": 3, "getdel": 2, "getex": -2,
@@ -170,7 +179,7 @@ extension KVCommand {
     /// Parses a command; `name` lowercased, `arguments` after the name; `now` in Unix milliseconds
     /// turns relative expiry times into absolute ones.
     public static func parse(_ name: String, _ arguments: [[UInt8]], now: Int64) throws(CommandError) -> KVCommand {
-        guard let arity = kvCommandArity[name] else { throw CommandError("ERR unknown command '\(name)'") }
+        guard let arity = kvArity(name) else { throw CommandError("ERR unknown command '\(name)'") }
         let count = arguments.count + 1
         guard arity >= 0 ? count == arity : count >= -arity else { throw .arity(name) }
         let a = arguments

@@ -469,7 +469,7 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
         if transaction != nil, !["exec", "discard", "multi", "watch", "quit", "reset"].contains(name) {
             return queue(name, rest, originalName: original)
         }
-        if kvCommandArity[name] != nil {
+        if kvArity(name) != nil {
             return runKeyValue(name, rest)
         }
         runServerCommand(name, rest, original: original)
@@ -651,7 +651,7 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
     private func nextKeyValue(now: Int64) -> (name: String, arguments: [[UInt8]], command: KVCommand)? {
         guard let next = pending.first, case .command(let original, let rest) = next, transaction == nil else { return nil }
         let name = Self.commandName(original)
-        guard authenticated, kvCommandArity[name] != nil else { return nil }
+        guard authenticated, kvArity(name) != nil else { return nil }
         guard let command = try? KVCommand.parse(name, rest, now: now) else { return nil }
         return (name, rest, command)
     }
@@ -660,6 +660,9 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
     /// string's own storage (`lowercased()` takes the Unicode path, for every request); a name
     /// already in lower case is returned as it is.
     static func commandName(_ name: String) -> String {
+        // The two names of nearly every request, as clients send them.
+        if name == "SET" { return "set" }
+        if name == "GET" { return "get" }
         let bytes = name.utf8
         guard bytes.allSatisfy({ $0 < 0x80 }) else { return name.lowercased() }
         guard bytes.contains(where: { $0 >= UInt8(ascii: "A") && $0 <= UInt8(ascii: "Z") }) else { return name }

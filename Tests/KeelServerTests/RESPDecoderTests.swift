@@ -1,4 +1,5 @@
 @testable import KeelServer
+import KeelKV
 import NIOCore
 import NIOEmbedded
 import Testing
@@ -150,12 +151,18 @@ struct RESPDecoderTests {
 struct CommandNameTests {
     @Test("a command's name is lowered as String.lowercased() lowers it, for ASCII and anything else")
     func commandNames() {
-        let names: [[UInt8]] = [[], [0], Array("GeT".utf8), Array("set".utf8), Array("KEEL.MEMBER".utf8), Array("@[`{".utf8),
+        let names: [[UInt8]] = [[], [0], Array("GeT".utf8), Array("set".utf8), Array("SET".utf8), Array("GET".utf8), Array("SETX".utf8), Array("GETS".utf8), Array("KEEL.MEMBER".utf8), Array("@[`{".utf8),
                                 Array("ÄbC".utf8), Array("SÉT".utf8), [0xff, 0x41], Array("İ".utf8)]
         for name in names {
             let text = String(decoding: name, as: UTF8.self)
             #expect(RESPConnection.commandName(text) == text.lowercased(), "\(name)")
         }
+    }
+
+    @Test("a command's arity is the table's for every command (GET and SET looked up without the table), nil for any other name")
+    func arities() {
+        for (name, arity) in kvCommandArity { #expect(kvArity(name) == arity, "\(name)") }
+        for name in ["SET", "GET", "se", "sett", "gett", "", "ping", "keel.member"] { #expect(kvArity(name) == nil, "\(name)") }
     }
 
     @Test("a simple reply or error loses its line breaks (CR, LF, CR LF each become one space), and nothing else")
