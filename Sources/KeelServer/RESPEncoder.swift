@@ -15,19 +15,46 @@ extension ByteBuffer {
     /// twice as many items in RESP2).
     mutating func writeAggregateHeader(_ count: Int, map: Bool, protocol version: Int) {
         if map && version >= 3 {
-            writeStaticString("%")
-            writeString(String(count))
+            writeNumberLine(UInt8(ascii: "%"), Int64(count))
         } else {
-            writeStaticString("*")
-            writeString(String(map ? count * 2 : count))
+            writeNumberLine(UInt8(ascii: "*"), Int64(map ? count * 2 : count))
         }
-        writeStaticString("\r\n")
+    }
+
+    /// `prefix`, `value` in decimal and CR LF, as one write (an integer reply, or the line that
+    /// opens a bulk string or an aggregate): no String in between, one capacity check.
+    mutating func writeNumberLine(_ prefix: UInt8, _ value: Int64) {
+        // Filled from the end: CR LF, the digits, a minus sign, the prefix (24 bytes at most).
+        var scratch: (UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0)
+        withUnsafeMutableBytes(of: &scratch) { line in
+            var start = line.count - 2
+            line[start] = 13
+            line[start + 1] = 10
+            var magnitude = value.magnitude
+            repeat {
+                start -= 1
+                line[start] = UInt8(truncatingIfNeeded: 48 + magnitude % 10)
+                magnitude /= 10
+            } while magnitude > 0
+            if value < 0 {
+                start -= 1
+                line[start] = UInt8(ascii: "-")
+            }
+            start -= 1
+            line[start] = prefix
+            writeBytes(UnsafeRawBufferPointer(rebasing: line[start...]))
+        }
     }
 
     /// Writes a reply in protocol version 2 or 3.
     mutating func writeReply(_ reply: Reply, protocol version: Int) {
         switch reply {
         case .simple(let text):
+            // Nearly every write's reply.
+            if text == "OK" {
+                writeStaticString("+OK\r\n")
+                return
+            }
             writeStaticString("+")
             writeString(Self.oneLine(text))
             writeStaticString("\r\n")
@@ -37,17 +64,13 @@ extension ByteBuffer {
             writeString(Self.oneLine(text))
             writeStaticString("\r\n")
         case .integer(let value):
-            writeStaticString(":")
-            writeString(String(value))
-            writeStaticString("\r\n")
+            writeNumberLine(UInt8(ascii: ":"), value)
         case .bulk(let bytes):
             guard let bytes else {
                 if version >= 3 { writeStaticString("_\r\n") } else { writeStaticString("$-1\r\n") }
                 return
             }
-            writeStaticString("$")
-            writeString(String(bytes.count))
-            writeStaticString("\r\n")
+            writeNumberLine(UInt8(ascii: "$"), Int64(bytes.count))
             writeBytes(bytes)
             writeStaticString("\r\n")
         case .array(let items):
@@ -55,9 +78,7 @@ extension ByteBuffer {
                 if version >= 3 { writeStaticString("_\r\n") } else { writeStaticString("*-1\r\n") }
                 return
             }
-            writeStaticString("*")
-            writeString(String(items.count))
-            writeStaticString("\r\n")
+            writeNumberLine(UInt8(ascii: "*"), Int64(items.count))
             for item in items { writeReply(item, protocol: version) }
         case .double(let value):
             if version >= 3 {
@@ -68,15 +89,7 @@ extension ByteBuffer {
                 writeReply(.bulk(formatFloat(value)), protocol: version)
             }
         case .map(let pairs):
-            if version >= 3 {
-                writeStaticString("%")
-                writeString(String(pairs.count))
-                writeStaticString("\r\n")
-            } else {
-                writeStaticString("*")
-                writeString(String(pairs.count * 2))
-                writeStaticString("\r\n")
-            }
+            writeAggregateHeader(pairs.count, map: true, protocol: version)
             for (key, value) in pairs {
                 writeReply(key, protocol: version)
                 writeReply(value, protocol: version)

@@ -173,3 +173,45 @@ struct CommandNameTests {
         #expect(ByteBuffer.oneLine("é\r\n") == "é ")
     }
 }
+
+@Suite("Replies on the wire")
+struct RESPEncoderTests {
+    private func encoded(_ reply: Reply, protocol version: Int) -> String {
+        var buffer = ByteBuffer()
+        buffer.writeReply(reply, protocol: version)
+        return String(buffer: buffer)
+    }
+
+    @Test("a number line is the prefix, the decimal digits String gives, and CR LF, for every Int64")
+    func numberLines() {
+        var values: [Int64] = [0, 1, -1, 9, 10, -10, 99, 100, 1 << 31, Int64.max, Int64.min, Int64.min + 1]
+        var random = SystemRandomNumberGenerator()
+        for _ in 0..<1000 { values.append(Int64.random(in: Int64.min...Int64.max, using: &random) >> Int64.random(in: 0...63, using: &random)) }
+        for value in values {
+            var buffer = ByteBuffer()
+            buffer.writeNumberLine(UInt8(ascii: ":"), value)
+            #expect(String(buffer: buffer) == ":\(value)\r\n")
+        }
+    }
+
+    @Test("each kind of reply is written as Redis writes it, in RESP2 and RESP3")
+    func replies() {
+        #expect(encoded(.simple("OK"), protocol: 2) == "+OK\r\n")
+        #expect(encoded(.simple("QUEUED"), protocol: 3) == "+QUEUED\r\n")
+        #expect(encoded(.simple("a\r\nb"), protocol: 2) == "+a b\r\n")
+        #expect(encoded(.error("ERR x"), protocol: 2) == "-ERR x\r\n")
+        #expect(encoded(.integer(-42), protocol: 2) == ":-42\r\n")
+        #expect(encoded(.bulk(Array("hello".utf8)), protocol: 2) == "$5\r\nhello\r\n")
+        #expect(encoded(.bulk([]), protocol: 2) == "$0\r\n\r\n")
+        #expect(encoded(.bulk(nil), protocol: 2) == "$-1\r\n")
+        #expect(encoded(.bulk(nil), protocol: 3) == "_\r\n")
+        #expect(encoded(.array([.integer(1), .bulk(Array("a".utf8))]), protocol: 2) == "*2\r\n:1\r\n$1\r\na\r\n")
+        #expect(encoded(.array([]), protocol: 2) == "*0\r\n")
+        #expect(encoded(.array(nil), protocol: 2) == "*-1\r\n")
+        #expect(encoded(.map([(.bulk(Array("k".utf8)), .integer(7))]), protocol: 3) == "%1\r\n$1\r\nk\r\n:7\r\n")
+        #expect(encoded(.map([(.bulk(Array("k".utf8)), .integer(7))]), protocol: 2) == "*2\r\n$1\r\nk\r\n:7\r\n")
+        var header = ByteBuffer()
+        header.writeAggregateHeader(3, map: true, protocol: 2)
+        #expect(String(buffer: header) == "*6\r\n")
+    }
+}
