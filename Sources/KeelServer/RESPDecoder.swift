@@ -31,8 +31,8 @@ public enum RESPRequest: Equatable, Sendable {
 /// authenticated (Redis 7: at most 10 elements, bulk strings of at most 16 KiB), shared by the
 /// decoder and the connection on the connection's event loop.
 public final class AuthenticationLimits: @unchecked Sendable {
-    // @unchecked Sendable: used only on one channel's event loop. @exclusivity(unchecked): so
-    // no two accesses overlap (it is read for every request).
+    // @unchecked Sendable: used only on one channel's event loop. @exclusivity(unchecked): for
+    // the same reason no two accesses overlap, and it is read for every request.
     @exclusivity(unchecked) public var limited: Bool
     public init(limited: Bool) { self.limited = limited }
 }

@@ -24,7 +24,7 @@ extension ByteBuffer {
     /// `prefix`, `value` in decimal and CR LF, as one write (an integer reply, or the line that
     /// opens a bulk string or an aggregate): no String in between, one capacity check.
     mutating func writeNumberLine(_ prefix: UInt8, _ value: Int64) {
-        // Filled from the end: CR LF, the digits, a minus sign, the prefix (24 bytes at most).
+        // Filled from the end: CR LF, the digits, a minus sign, the prefix (23 bytes at most).
         var scratch: (UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0)
         withUnsafeMutableBytes(of: &scratch) { line in
             var start = line.count - 2
