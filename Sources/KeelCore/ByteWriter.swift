@@ -39,6 +39,13 @@ public struct ByteWriter: Sendable {
         _bytes.append(contentsOf: other)
     }
 
+    /// Appends a 32-bit length followed by the string's UTF-8 bytes, copied as one block (the
+    /// generic path above walks a String's UTF-8 view byte by byte).
+    @inlinable public mutating func writeLengthPrefixed(_ string: String) {
+        var string = string
+        string.withUTF8 { writeLengthPrefixed($0) }
+    }
+
     /// Overwrites a 32-bit integer at `offset` (for lengths and checksums filled in afterwards).
     @inlinable public mutating func overwrite(_ value: UInt32, at offset: Int) {
         precondition(offset >= 0 && offset + 4 <= _bytes.count, "overwrite past the end")

@@ -81,7 +81,7 @@ public enum KVEntry: Sendable, Equatable {
         writer.write(UInt64(bitPattern: now))
         func writeCommand(_ database: Int, _ name: String, _ arguments: [[UInt8]]) {
             writer.write(UInt8(database))
-            writer.writeLengthPrefixed(name.utf8)
+            writer.writeLengthPrefixed(name)
             writer.write(UInt32(arguments.count))
             for argument in arguments { writer.writeLengthPrefixed(argument) }
         }
@@ -131,7 +131,7 @@ public enum KVEntry: Sendable, Equatable {
 
         public mutating func append(database: Int, name: String, arguments: [[UInt8]]) {
             writer.write(UInt8(database))
-            writer.writeLengthPrefixed(name.utf8)
+            writer.writeLengthPrefixed(name)
             writer.write(UInt32(arguments.count))
             for argument in arguments { writer.writeLengthPrefixed(argument) }
             count += 1

@@ -64,10 +64,10 @@ public enum Reply: Sendable, Equatable {
         switch self {
         case .simple(let text):
             writer.write(UInt8(1))
-            writer.writeLengthPrefixed(text.utf8)
+            writer.writeLengthPrefixed(text)
         case .error(let text):
             writer.write(UInt8(2))
-            writer.writeLengthPrefixed(text.utf8)
+            writer.writeLengthPrefixed(text)
         case .integer(let value):
             writer.write(UInt8(3))
             writer.write(UInt64(bitPattern: value))

@@ -1,3 +1,4 @@
+import Foundation
 import KeelCore
 import Testing
 
@@ -53,6 +54,18 @@ struct CRC32CTests {
 
 @Suite("Binary encoding")
 struct EncodingTests {
+    @Test("a string is written as its UTF-8 bytes with their length, whatever its size and script")
+    func strings() {
+        let bridged = NSString(string: "bridged from Foundation, long enough not to be small") as String
+        for text in ["", "set", "GET", "fifteen bytes!!", "sixteen bytes!!!", "ünïcödé \u{1F600}", String(repeating: "x", count: 1000), bridged] {
+            var viaString = ByteWriter()
+            viaString.writeLengthPrefixed(text)
+            var viaBytes = ByteWriter()
+            viaBytes.writeLengthPrefixed(Array(text.utf8))
+            #expect(viaString.bytes == viaBytes.bytes, "\(text.prefix(20))")
+        }
+    }
+
     @Test("integers round-trip little-endian")
     func roundTrip() throws {
         var writer = ByteWriter()
