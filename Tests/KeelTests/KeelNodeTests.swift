@@ -265,7 +265,13 @@ extension KeelNodeTests {
         defer { try? FileManager.default.removeItem(atPath: base) }
         let ports = try await freePorts(3, group: group)
         let nodes = try await (1...3).asyncMap { id in
-            try await KeelNode.start(configuration: configuration(UInt64(id), ports: ports, base: base), machine: TestMachine(), group: group, logger: silentLogger)
+            // An election timeout of 1–2 s instead of 200–400 ms: the three nodes share one
+            // thread, and under a loaded machine's stalls (CI, the whole suite at once) a follower
+            // called an election in the middle of the chain, whose later calls then all failed at
+            // once with no leader known. Leader changes are other tests' subject.
+            var configuration = configuration(UInt64(id), ports: ports, base: base)
+            configuration.raft.electionTicks = 50
+            return try await KeelNode.start(configuration: configuration, machine: TestMachine(), group: group, logger: silentLogger)
         }
         let elected = try await awaitLeader(of: nodes)
         let leader = try #require(elected)
