@@ -156,7 +156,12 @@ public final class DurableRaftStorage: RaftStorage, @unchecked Sendable {
     }
 
     static func encodeEntry(_ entry: Entry) -> LogEntry {
-        LogEntry(index: entry.index, term: entry.term, payload: [entry.kind.rawValue] + entry.data)
+        // In one allocation (`[kind] + data` made two: the one-byte array, then the sum).
+        var payload: [UInt8] = []
+        payload.reserveCapacity(1 + entry.data.count)
+        payload.append(entry.kind.rawValue)
+        payload.append(contentsOf: entry.data)
+        return LogEntry(index: entry.index, term: entry.term, payload: payload)
     }
 
     static func decodeEntry(_ entry: LogEntry) throws(StorageError) -> Entry {

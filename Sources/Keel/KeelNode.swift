@@ -96,7 +96,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     /// Distinguishes this run's requests from an earlier run's still in the log (request ids
     /// restart at 1 after a restart).
     private let run = UInt64.random(in: 1...UInt64.max)
-    private var writes: [UInt64: Waiter<[UInt8]>] = [:]
+    private var writes: [UInt64: WriteWaiter] = [:]
     /// Above zero while the node does its own work (a tick, a message, a Ready and its write's
     /// completion), during which waiters' callbacks run: a call made from such a callback is
     /// started on a later turn of the loop, never inside that work.
@@ -267,14 +267,14 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     ///   may still commit), `.notMember`, `.shuttingDown`, `.storageFailed`.
     public func propose(_ command: [UInt8]) async throws -> [UInt8] {
         let promise = loop.makePromise(of: [UInt8].self)
-        loop.execute { self.startProposal(command, Waiter(promise)) }
+        loop.execute { self.startProposal(command, WriteWaiter(promise)) }
         return try await Self.wait(promise.futureResult)
     }
 
     /// `propose` for callers on event loops: the future completes on the node's loop.
     public func proposeFuture(_ command: [UInt8]) -> EventLoopFuture<[UInt8]> {
         let promise = loop.makePromise(of: [UInt8].self)
-        loop.execute { self.startProposal(command, Waiter(promise)) }
+        loop.execute { self.startProposal(command, WriteWaiter(promise)) }
         return promise.futureResult
     }
 
@@ -282,7 +282,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     /// `completion` runs on the node's loop, once. Called on the node's loop, the proposal is
     /// taken at once (called from another call's completion, on the next turn of the loop).
     public func propose(_ command: [UInt8], completion: @escaping @Sendable (Result<[UInt8], NodeError>) -> Void) {
-        let waiter = Waiter(completion)
+        let waiter = WriteWaiter(completion)
         if mayStartInline { startProposal(command, waiter) } else { loop.execute { self.startProposal(command, waiter) } }
     }
 
@@ -494,7 +494,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         RequestTag(origin: configuration.node.rawValue, run: run, request: request)
     }
 
-    private func startProposal(_ command: [UInt8], _ promise: Waiter<[UInt8]>) {
+    private func startProposal(_ command: [UInt8], _ promise: WriteWaiter) {
         if let error = refusal() { return promise.fail(error) }
         guard command.count <= configuration.commandSizeMax else {
             return promise.fail(NodeError.invalidArgument("the command is \(command.count) bytes, over the limit of \(configuration.commandSizeMax) (an entry must fit in one peer message)"))
@@ -1073,7 +1073,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         }
         return machineLock.withLock {
             directApplied = entry.index
-            return machine.apply(Array(command))
+            return machine.apply(command)
         }
     }
 
@@ -1190,8 +1190,26 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
     }
 }
 
-/// Who waits for a proposal or a read: a promise, or a callback (callers on event loops). Runs
-/// on the node's loop, once.
+/// Who waits for a proposal: `Waiter<[UInt8]>`, but not generic. A generic struct holds a
+/// caller's callback behind a reabstraction thunk (its closure type is the generic one): an
+/// allocation, and a call more, for every write; this one holds it as the caller gave it.
+struct WriteWaiter: Sendable {
+    let complete: @Sendable (Result<[UInt8], NodeError>) -> Void
+
+    init(_ complete: @escaping @Sendable (Result<[UInt8], NodeError>) -> Void) {
+        self.complete = complete
+    }
+
+    init(_ promise: EventLoopPromise<[UInt8]>) {
+        complete = { result in promise.completeWith(result.mapError { $0 }) }
+    }
+
+    func succeed(_ value: [UInt8]) { complete(.success(value)) }
+    func fail(_ error: NodeError) { complete(.failure(error)) }
+}
+
+/// Who waits for a read or a membership change: a promise, or a callback (callers on event
+/// loops). Runs on the node's loop, once.
 struct Waiter<Value: Sendable>: Sendable {
     let complete: @Sendable (Result<Value, NodeError>) -> Void
 

@@ -21,11 +21,20 @@ public protocol StateMachine: AnyObject, SendableMetatype {
     /// Applies a committed command and returns its result (given to the caller of `propose`).
     func apply(_ command: [UInt8]) -> [UInt8]
 
+    /// `apply(_:)` for a command that is part of a larger buffer (the log entry it came in),
+    /// without copying it out first. The default copies it and calls `apply(_:)`; a machine that
+    /// can read a slice implements this as well (both must give the same result).
+    func apply(_ command: ArraySlice<UInt8>) -> [UInt8]
+
     /// The state as of the last applied command. Called on the loop; written out off the loop.
     func snapshot() -> Snapshot
 
     /// Replaces the whole state with a snapshot's bytes (what a `Snapshot` wrote).
     func restore(from bytes: [UInt8]) throws
+}
+
+extension StateMachine {
+    public func apply(_ command: ArraySlice<UInt8>) -> [UInt8] { apply(Array(command)) }
 }
 
 /// How current a read must be.

@@ -168,7 +168,9 @@ public enum KVEntry: Sendable, Equatable {
         arguments.reduce(1 + 4 + name.utf8.count + 4) { $0 + 4 + $1.count }
     }
 
-    public static func decode(_ bytes: [UInt8]) throws(DecodingError) -> (now: Int64, entry: KVEntry) {
+    /// Decodes an entry from an array or from a slice of a larger buffer (the log entry it came in).
+    public static func decode<Bytes: RandomAccessCollection<UInt8> & Sendable>(_ bytes: Bytes) throws(DecodingError) -> (now: Int64, entry: KVEntry)
+        where Bytes.Index == Int {
         var reader = ByteReader(bytes)
         let limit = bytes.count
         guard try reader.readUInt8("version") == 1 else { throw DecodingError("unknown entry version", offset: 0) }
@@ -241,7 +243,11 @@ public final class KVStore: @unchecked Sendable {
 
     /// Applies a log entry and returns the reply's bytes. Malformed entries answer an error and
     /// change nothing (every replica does the same).
-    public func apply(_ bytes: [UInt8]) -> [UInt8] {
+    public func apply(_ bytes: [UInt8]) -> [UInt8] { apply(bytes[...]) }
+
+    /// `apply(_:)` for an entry that is part of a larger buffer (a node's log record), read where
+    /// it lies instead of copied out first.
+    public func apply(_ bytes: ArraySlice<UInt8>) -> [UInt8] {
         guard let (entryNow, entry) = try? KVEntry.decode(bytes) else {
             return Reply.error("ERR internal: malformed log entry").encoded
         }

@@ -43,11 +43,19 @@ public enum Reply: Sendable, Equatable {
     // MARK: - Binary form (tag byte, then the value)
 
     public var encoded: [UInt8] {
+        // OK, the commonest result of a write, is encoded once (an allocation a write).
+        if case .simple(let text) = self, text == "OK" { return Self.encodedOK }
         // Sized exactly: a pipelined batch's array of replies grew through four allocations.
         var writer = ByteWriter(capacity: encodedSize)
         encode(into: &writer)
         return writer.bytes
     }
+
+    static let encodedOK: [UInt8] = {
+        var writer = ByteWriter(capacity: 7)
+        Reply.ok.encode(into: &writer)
+        return writer.bytes
+    }()
 
     /// The length of `encoded` (its buffer is allocated once, at this size).
     public var encodedSize: Int {

@@ -422,6 +422,46 @@ struct KVStoreTests {
         #expect(Reply(decoding: [6, 255, 255, 255, 255]).isError, "a malformed reply decodes to an error, never traps")
     }
 
+    @Test("an entry applied where it lies in a larger buffer (a slice) does what the same entry as an array does")
+    func sliceApply() {
+        let byArray = Harness(), bySlice = Harness()
+        let now: Int64 = 1_000_000
+        let entries: [KVEntry] = [
+            .command(database: 0, name: "set", arguments: [Array("k".utf8), Array(repeating: 7, count: 100)]),
+            .command(database: 3, name: "incrby", arguments: [Array("n".utf8), Array("5".utf8)]),
+            .command(database: 0, name: "append", arguments: [Array("k".utf8), Array("tail".utf8)]),
+            .transaction(watched: [], commands: [KVEntry.QueuedCommand(database: 1, name: "set", arguments: [Array("t".utf8), Array("x".utf8)]),
+                                                 KVEntry.QueuedCommand(database: 1, name: "get", arguments: [Array("t".utf8)])]),
+            .expire([ExpiredKey(database: 0, key: Array("missing".utf8), expiresAt: 5)]),
+        ]
+        for entry in entries {
+            let bytes = entry.encoded(now: now)
+            // A node's record puts a header before the command: the slice starts past index 0.
+            let record = Array(repeating: 0xAB, count: 25) + bytes + [0xCD]
+            let slice = record[25..<(25 + bytes.count)]
+            let expected = byArray.store.apply(bytes)
+            #expect(bySlice.store.apply(slice) == expected, "\(entry)")
+        }
+        #expect(byArray.run("GET", "k") == bySlice.run("GET", "k"))
+        #expect(bySlice.run("GET", "n", database: 3) == .bulk("5"))
+        #expect(bySlice.run("GET", "t", database: 1) == .bulk("x"))
+        // A truncated entry, as a slice, is refused as the array is.
+        let truncated = entries[0].encoded(now: now).dropLast()
+        #expect(Reply(decoding: bySlice.store.apply(truncated)).isError)
+    }
+
+    @Test("OK's encoding (kept, not built for every write) is the general encoding of a simple string")
+    func okEncoding() {
+        var writer = ByteWriter()
+        writer.write(UInt8(1))
+        writer.writeLengthPrefixed("OK")
+        #expect(Reply.ok.encoded == writer.bytes)
+        #expect(Reply.simple("OK").encoded == writer.bytes)
+        #expect(Reply(decoding: Reply.ok.encoded) == .ok)
+        #expect(Reply(decoding: Reply.simple("OKAY").encoded) == .simple("OKAY"))
+        #expect(Reply(decoding: Reply.simple("ok").encoded) == .simple("ok"))
+    }
+
     @Test("glob patterns as Redis matches them")
     func globs() {
         func match(_ pattern: String, _ text: String) -> Bool { globMatch(Array(pattern.utf8)[...], Array(text.utf8)[...]) }
