@@ -277,8 +277,10 @@ public final class DurableRaftStorage: RaftStorage, @unchecked Sendable {
     // MARK: - Writes by the node's loop
 
     /// Persists a Ready's entries and hard state in one durable step; `completion` runs on the
-    /// log's writer thread. Call from the node's owner only, one at a time.
-    public func persist(entries: [Entry], hardState newState: HardState?,
+    /// log's writer thread, or, `inline`, on the calling thread before this returns (the write
+    /// and its sync made there: `WriteAheadLog.write(entries:hardState:inline:completion:)`).
+    /// Call from the node's owner only, one at a time.
+    public func persist(entries: [Entry], hardState newState: HardState?, inline: Bool = false,
                         completion: @escaping @Sendable (Result<Void, StorageError>) -> Void) {
         guard !entries.isEmpty || (newState != nil && newState != hardState) else {
             completion(.success(()))
@@ -286,7 +288,7 @@ public final class DurableRaftStorage: RaftStorage, @unchecked Sendable {
         }
         remember(entries)
         do throws(StorageError) {
-            try log.write(entries: entries.map(Self.encodeEntry), hardState: newState.map(Self.encode)) { [self] result in
+            try log.write(entries: entries.map(Self.encodeEntry), hardState: newState.map(Self.encode), inline: inline) { [self] result in
                 if case .success = result, let newState { hardState = newState }
                 completion(result.map { _ in () })
             }

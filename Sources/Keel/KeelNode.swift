@@ -731,12 +731,18 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
             // entry) are applied while the writer syncs, and their callers answered: they are on
             // a majority's disks, this one's included, so nothing about this write can undo them.
             // Configuration changes wait for the write (it records the commit that covers them).
+            // A sole voter with `syncOnLoop` writes and syncs here, on the loop, which waits for
+            // the disk: those entries are applied and answered first, so that their clients send
+            // their next requests while it waits (Redis's order: the replies of one turn go out
+            // before the next turn's fsync).
             let firstNew = ready.entries.first?.index ?? LogIndex(UInt64.max)
             let applyNow = ready.committedEntries.prefix { $0.index < firstNew && $0.kind == .normal }.count
-            storage.persist(entries: ready.entries, hardState: hardState) { result in
+            let inline = configuration.syncOnLoop && raft.isSoleVoterLeader
+            if inline { applyEntries(ready.committedEntries.prefix(applyNow)) }
+            storage.persist(entries: ready.entries, hardState: hardState, inline: inline) { result in
                 self.loop.execute { self.persisted(ready, late: late, result, installed: nil, appliedBefore: applyNow) }
             }
-            applyEntries(ready.committedEntries.prefix(applyNow))
+            if !inline { applyEntries(ready.committedEntries.prefix(applyNow)) }
             return
         }
         storageQueue.async {

@@ -149,6 +149,14 @@ public struct NodeConfiguration: Sendable {
     /// Promote a learner to voter once it is within `promotionLagEntries` of the leader's log.
     public var autoPromoteLearners = true
     public var promotionLagEntries: UInt64 = 100
+    /// A sole voter (one node) writes and syncs each group commit on its loop, which waits for the
+    /// disk as Redis's loop waits in its fsync, instead of handing it to the log's writer thread
+    /// and taking the result back (`WriteAheadLog.write(entries:hardState:inline:completion:)`).
+    /// Faster where the loop, the clients and the disk share few cores (docs/server.md, "The
+    /// log's writes"); in a cluster, or with a loop shared with other work that must not wait
+    /// for the disk, the writer thread is used. Needs the log's fsync `always`. Off by default;
+    /// `keel serve --fsync always` turns it on.
+    public var syncOnLoop = false
     /// The log's settings. The fsync policy must be `always` (Raft's votes and acknowledged
     /// entries must survive a crash) unless `allowUnsyncedLog` is set.
     public var log = LogOptions()
@@ -188,6 +196,7 @@ public struct NodeConfiguration: Sendable {
         guard log.fsyncPolicy == .always || allowUnsyncedLog else {
             throw .invalidArgument("a node's log needs fsync `always` (a vote or an acknowledged entry must survive a crash); set allowUnsyncedLog to accept losing them")
         }
+        guard !syncOnLoop || log.fsyncPolicy == .always else { throw .invalidArgument("syncOnLoop needs the log's fsync `always`") }
         guard !clusterToken.isEmpty else { throw .invalidArgument("the cluster token must not be empty") }
         do { try raft.validate() } catch { throw NodeError(error) }
     }

@@ -95,6 +95,9 @@ public struct ServerConfiguration: Sendable {
         configuration.snapshotLogGrowthPercent = checkpointLogGrowth
         configuration.tickMilliseconds = tickMilliseconds
         configuration.log.fsyncPolicy = fsync
+        // With a sync for every write a single node's loop writes and syncs each group commit
+        // itself, as Redis's does (docs/server.md, "The log's writes").
+        configuration.syncOnLoop = fsync == .always
         configuration.log.segmentSize = logSegmentBytes
         configuration.allowUnsyncedLog = fsync != .always
         return configuration

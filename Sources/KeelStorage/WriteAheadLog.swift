@@ -6,6 +6,11 @@
 // (policy `always`), and only then calls the appenders' completions, in index order. Appends that
 // arrive while a sync runs wait in the queue and share the next one: that is group commit.
 //
+// Inline writes (`write(entries:hardState:inline: true, completion:)`): the caller takes the
+// writer's part itself, under `writeLock`, and writes and syncs what is queued before it returns.
+// The writer thread takes batches under the same lock, so batches are still written one at a time
+// and in queue order, whoever writes them.
+//
 // Failure rules (DESIGN.md contract 3):
 // - A failed fdatasync, or any write error but ENOSPC, stops the log for good: the batch and
 //   everything queued fail, nothing more is acknowledged, and every later append is refused with
@@ -67,13 +72,15 @@ public struct LogOptions: Sendable, Equatable {
     }
 }
 
-/// A durable, append-only sequence of entries in segment files, written by one thread.
+/// A durable, append-only sequence of entries in segment files, written by one thread at a time
+/// (the writer thread, or the caller of an inline write).
 public final class WriteAheadLog: @unchecked Sendable {
     // @unchecked Sendable: the mutable state is split in two, each part guarded:
     // `queueLock` guards `queue`, `nextIndex` and `runState`; `segments` (a Mutex) guards the
-    // segment table that readers and compaction use. The current segment's file is written only by
-    // the writer thread, and a segment's handle is closed only under `segments` by compaction,
-    // which never touches the newest segment.
+    // segment table that readers and compaction use. The current segment's file is written only
+    // under `writeLock` (by the writer thread, or the caller of an inline write), and a segment's
+    // handle is closed only under `segments` by compaction, which never touches the newest
+    // segment.
 
     /// An append waiting for the writer.
     private struct Pending {
@@ -88,6 +95,9 @@ public final class WriteAheadLog: @unchecked Sendable {
         /// The index reported to the completion.
         let index: LogIndex
         let completion: @Sendable (Result<LogIndex, StorageError>) -> Void
+        /// Part of an inline write: its caller writes it (the writer thread leaves it, and what
+        /// follows it, while the log runs).
+        var inline = false
 
         var payloadCount: Int { (entry?.payload.count ?? 0) + (hardState?.count ?? 0) }
 
@@ -164,6 +174,11 @@ public final class WriteAheadLog: @unchecked Sendable {
     private let fileSystem: any FileSystem
 
     private let queueLock = NSCondition()
+    /// Held by whoever takes a batch from the queue and writes it: the writer thread, or a caller
+    /// of an inline write. Batches are written one at a time, in queue order.
+    private let writeLock = NSLock()
+    /// The buffer of inline writes (under `writeLock`).
+    private var inlineBuffer: [UInt8] = []
     private var queue = Deque<Pending>()
     private var queuedBytes = 0
     private var nextIndex: LogIndex
@@ -173,7 +188,7 @@ public final class WriteAheadLog: @unchecked Sendable {
     private var closed = false
     /// Set before the thread starts and never changed.
     private var writerThread: Thread?
-    // Touched only by the writer thread (set in init before it starts):
+    // Touched only under `writeLock` (set in init before the writer thread starts):
     /// The newest hard state the writer has put in a buffer.
     private var writerHardState: [UInt8]?
     /// Whether the next record must be preceded by `writerHardState` (after a suffix was replaced).
@@ -408,8 +423,25 @@ public final class WriteAheadLog: @unchecked Sendable {
     /// (Raft §5.3: a follower drops a conflicting suffix); the replaced entries must not have been
     /// compacted.
     ///
+    /// - Parameter inline: write and sync on the calling thread before returning (and call
+    ///   `completion` there), after anything queued before, instead of handing the write to the
+    ///   writer thread. For an owner that writes one group commit at a time from a loop of its
+    ///   own: the caller waits for the disk, as Redis's loop waits in its fsync, and nothing goes
+    ///   from thread to thread and back for each write. Needs fsync `always` (the writer thread
+    ///   keeps `everysec`'s timer).
     /// - Throws: `StorageError` when the log refuses the write at once.
-    public func write(entries: [LogEntry], hardState: [UInt8]?, completion: @escaping @Sendable (Result<LogIndex, StorageError>) -> Void) throws(StorageError) {
+    public func write(entries: [LogEntry], hardState: [UInt8]?, inline: Bool = false,
+                      completion: @escaping @Sendable (Result<LogIndex, StorageError>) -> Void) throws(StorageError) {
+        if inline, options.fsyncPolicy != .always {
+            throw .invalidConfiguration("inline writes need fsync always (the writer thread syncs everysec's writes)")
+        }
+        try enqueue(entries: entries, hardState: hardState, inline: inline, completion: completion)
+        if inline { writeQueued() }
+    }
+
+    /// Queues an explicit-index write (for the writer thread, or for `writeQueued` at once).
+    private func enqueue(entries: [LogEntry], hardState: [UInt8]?, inline: Bool,
+                         completion: @escaping @Sendable (Result<LogIndex, StorageError>) -> Void) throws(StorageError) {
         for entry in entries where entry.payload.count > options.limits.entrySizeMax {
             throw .entryTooLarge(size: entry.payload.count, limit: options.limits.entrySizeMax)
         }
@@ -436,7 +468,9 @@ public final class WriteAheadLog: @unchecked Sendable {
         }
         let replaces = entries.first.map { $0.index < nextIndex } ?? false
         if entries.isEmpty {
-            queue.append(Pending(entry: nil, replacesSuffix: false, hardState: hardState, index: LogIndex(nextIndex.rawValue - 1), completion: completion))
+            var pending = Pending(entry: nil, replacesSuffix: false, hardState: hardState, index: LogIndex(nextIndex.rawValue - 1), completion: completion)
+            pending.inline = inline
+            queue.append(pending)
         } else {
             let ignore: @Sendable (Result<LogIndex, StorageError>) -> Void = { _ in }
             for (offset, entry) in entries.enumerated() {
@@ -445,14 +479,48 @@ public final class WriteAheadLog: @unchecked Sendable {
                 let item: (index: LogIndex, term: Term, payload: [UInt8]) = (entry.index, entry.term, entry.payload)
                 // The hard state goes after the last entry: a commit index never becomes durable
                 // before the entries it covers, even when the write spans batches or segments.
-                let pending = Pending(entry: item, replacesSuffix: isFirst && replaces, hardState: isLast ? hardState : nil,
+                var pending = Pending(entry: item, replacesSuffix: isFirst && replaces, hardState: isLast ? hardState : nil,
                                       index: entry.index, completion: isLast ? completion : ignore)
+                pending.inline = inline
                 queue.append(pending)
             }
             nextIndex = entries.last!.index.next
         }
         queuedBytes += entries.reduce(hardState?.count ?? 0) { $0 + $1.payload.count }
-        queueLock.signal()
+        // Not for an inline write, which its caller makes at once: the writer thread sleeps on.
+        if !inline { queueLock.signal() }
+    }
+
+    /// Writes everything queued on the calling thread (inline writes), batch by batch.
+    private func writeQueued() {
+        writeLock.lock()
+        defer { writeLock.unlock() }
+        while true {
+            let (batch, state) = takeBatch(forWriter: false)
+            if batch.isEmpty { return }
+            if case .stopped = state { return }
+            if case .stopped = write(batch, buffer: &inlineBuffer) { return }
+        }
+    }
+
+    /// Takes the next batch from the queue (at most a group commit's bytes, at least one item),
+    /// with the run state it was taken under. The writer thread stops at an inline write while
+    /// the log runs (its caller is about to write it), and takes everything once it closes.
+    /// Call with `writeLock` held.
+    private func takeBatch(forWriter: Bool) -> (batch: [Pending], state: RunState) {
+        queueLock.lock()
+        defer { queueLock.unlock() }
+        let leavesInline: Bool
+        if forWriter, case .running = runState { leavesInline = true } else { leavesInline = false }
+        var batch: [Pending] = []
+        var batchBytes = 0
+        while let first = queue.first, !(leavesInline && first.inline),
+              batch.isEmpty || batchBytes + first.payloadCount <= options.limits.groupCommitSizeMax {
+            batch.append(queue.removeFirst())
+            batchBytes += first.payloadCount
+        }
+        queuedBytes -= batchBytes
+        return (batch, runState)
     }
 
     /// Drops every entry and continues the log after `index`: for a follower that installed a
@@ -646,7 +714,8 @@ public final class WriteAheadLog: @unchecked Sendable {
 
     /// Writes and syncs everything queued, stops the writer and closes the files.
     ///
-    /// Must not be called from a completion, which runs on the writer thread it would wait for.
+    /// Must not be called from a completion, which runs on the writer thread it would wait for
+    /// (or, with inline writes, holds the lock the writer thread needs to finish).
     public func close() {
         precondition(Thread.current !== writerThread, "close() from a completion on the log's writer thread would wait for itself")
         queueLock.lock()
@@ -683,7 +752,8 @@ public final class WriteAheadLog: @unchecked Sendable {
         defer { writerDone.signal() }
         while true {
             queueLock.lock()
-            while queue.isEmpty, case .running = runState {
+            // (An inline write at the head is its caller's to write.)
+            while queue.first.map({ $0.inline }) ?? true, case .running = runState {
                 if options.fsyncPolicy == .everysec && unsynced {
                     let remaining = lastSync + interval - ContinuousClock.now
                     if remaining <= .zero { break }
@@ -693,15 +763,11 @@ public final class WriteAheadLog: @unchecked Sendable {
                     queueLock.wait()
                 }
             }
-            let state = runState
-            var batch: [Pending] = []
-            var batchBytes = 0
-            while let first = queue.first, batch.isEmpty || batchBytes + first.payloadCount <= options.limits.groupCommitSizeMax {
-                batch.append(queue.removeFirst())
-                batchBytes += first.payloadCount
-            }
-            queuedBytes -= batchBytes
             queueLock.unlock()
+            // Taken and written under `writeLock`: an inline write may have taken the queue first.
+            writeLock.lock()
+            defer { writeLock.unlock() }
+            let (batch, state) = takeBatch(forWriter: true)
 
             if case .stopped = state { return }
             if batch.isEmpty {
@@ -755,7 +821,8 @@ public final class WriteAheadLog: @unchecked Sendable {
         do { return try body() } catch { throw .fatal("\(error)") }
     }
 
-    /// Writes a batch, completing its appends in order. Runs on the writer thread.
+    /// Writes a batch, completing its appends in order. Runs under `writeLock` (on the writer
+    /// thread, or the caller's of an inline write).
     private func write(_ batch: [Pending], buffer: inout [UInt8]) -> BatchOutcome {
         var current = table.withLock { $0.segments[$0.segments.count - 1].withoutIndexes() }
         var completed = 0 // batch[..<completed] have been acknowledged
@@ -876,8 +943,8 @@ public final class WriteAheadLog: @unchecked Sendable {
     /// Drops the log from `index` on (explicit-index writes; Raft §5.3). The hard state goes to
     /// its file first; then newer segments go, newest first, each removal synced, so a crash leaves
     /// a prefix of the old log (whose suffix was never committed); then the segment holding `index`
-    /// is cut at that entry, the cut synced, and it becomes the newest. Runs on the writer thread,
-    /// in order with the writes.
+    /// is cut at that entry, the cut synced, and it becomes the newest. Runs under `writeLock`, in
+    /// order with the writes.
     private func replaceSuffix(from index: LogIndex, current: inout Segment) throws(WriteFailure) {
         let segments = table.withLock { $0.segments }
         guard let position = Self.segmentPosition(of: index, in: segments) else {

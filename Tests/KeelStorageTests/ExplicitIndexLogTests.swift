@@ -1,5 +1,6 @@
 import Foundation
 import KeelCore
+import Synchronization
 import Testing
 @testable import KeelStorage
 
@@ -35,7 +36,19 @@ struct ExplicitIndexLogTests {
         (directory, log, _) = try open(fs)
     }
 
-    static func write(_ log: WriteAheadLog, _ entries: [LogEntry], hardState: [UInt8]? = nil) async throws {
+    static func write(_ log: WriteAheadLog, _ entries: [LogEntry], hardState: [UInt8]? = nil, inline: Bool = false) async throws {
+        if inline {
+            // Written, synced and completed before the call returns, on this thread.
+            let caller = pthread_self()
+            let outcome = Mutex<(result: Result<LogIndex, StorageError>, onCaller: Bool)?>(nil)
+            try log.write(entries: entries, hardState: hardState, inline: true) { result in
+                outcome.withLock { $0 = (result, pthread_equal(pthread_self(), caller) != 0) }
+            }
+            let done = try #require(outcome.withLock { $0 }, "an inline write completes before it returns")
+            #expect(done.onCaller, "an inline write completes on the caller's thread")
+            _ = try done.result.get()
+            return
+        }
         let result: Result<LogIndex, StorageError> = await withCheckedContinuation { continuation in
             do throws(StorageError) {
                 try log.write(entries: entries, hardState: hardState) { continuation.resume(returning: $0) }
@@ -266,8 +279,9 @@ struct ExplicitIndexLogTests {
         return results
     }
 
-    @Test("crash after every mutation of a workload with replacements: recovery holds every acknowledged write")
-    func crashEverywhere() async throws {
+    @Test("crash after every mutation of a workload with replacements: recovery holds every acknowledged write (writes queued for the writer thread, and inline)",
+          arguments: [false, true])
+    func crashEverywhere(inline: Bool) async throws {
         // The workload: appends, and suffix replacements reaching back across segments.
         let plan: [(ClosedRange<UInt64>, UInt64)] = [(1...40, 1), (41...80, 1), (70...75, 2), (76...120, 2), (30...35, 3), (36...90, 3), (91...95, 4)]
         func run(_ fs: SimulatedFileSystem) async -> (acknowledged: [LogEntry], inFlight: [LogEntry]?, hardState: [UInt8]?) {
@@ -280,7 +294,7 @@ struct ExplicitIndexLogTests {
             }
             for (range, term) in plan {
                 let batch = Self.entries(range, term: term)
-                do { try await Self.write(log, batch, hardState: [UInt8(term)]) } catch { return (model, batch, hardState) }
+                do { try await Self.write(log, batch, hardState: [UInt8(term)], inline: inline) } catch { return (model, batch, hardState) }
                 model = model.filter { $0.index < batch[0].index } + batch
                 hardState = [UInt8(term)]
             }
@@ -309,6 +323,76 @@ struct ExplicitIndexLogTests {
                 directory.unlock()
             }
         }
+    }
+
+    @Test("inline writes: in queue order with writes queued for the writer thread, rotating segments, replacing a suffix; refused without fsync always")
+    func inlineWrites() async throws {
+        let fs = SimulatedFileSystem(seed: 61)
+        var (directory, log, _) = try Self.open(fs)
+        // Queued for the writer thread, then inline at once: the inline call writes what was
+        // queued before it too, in order, before it returns.
+        let queued = Self.entries(1...30, term: 1, tag: "q")
+        let queuedDone = Mutex<Result<LogIndex, StorageError>?>(nil)
+        try log.write(entries: queued, hardState: [1]) { result in queuedDone.withLock { $0 = result } }
+        let inline = Self.entries(31...60, term: 1, tag: "i")
+        try await Self.write(log, inline, hardState: [2], inline: true)
+        #expect(try queuedDone.withLock { $0 }?.get() == LogIndex(30), "the write queued before is done")
+        // Many more, each its own group commit: 4 KiB segments rotate under inline writes.
+        let segmentsBefore = log.segmentNames.count
+        var written = queued + inline
+        for index in UInt64(61)...160 {
+            let entry = Self.entries(index...index, term: 1)
+            try await Self.write(log, entry, inline: true)
+            written += entry
+        }
+        #expect(log.segmentNames.count > segmentsBefore + 1, "rotated")
+        // A conflicting suffix replaced inline (back across a segment boundary).
+        let replacement = Self.entries(90...95, term: 2, tag: "r")
+        try await Self.write(log, replacement, hardState: [3], inline: true)
+        written = written.filter { $0.index < LogIndex(90) } + replacement
+        #expect(try Self.contents(log) == written)
+        #expect(log.hardState == [3])
+        // What an inline write acknowledged is durable: a crash that drops everything unsynced keeps it.
+        log.close()
+        directory.unlock()
+        fs.crash()
+        fs.restart(mode: .dropUnsynced)
+        (directory, log, _) = try Self.open(fs)
+        #expect(try Self.contents(log) == written)
+        #expect(log.hardState == [3])
+        log.close()
+        directory.unlock()
+
+        // The writer thread syncs everysec's and never's writes: an inline one is refused.
+        let lazy = SimulatedFileSystem(seed: 62)
+        let lazyDirectory = try DataDirectory(path: "/raft", fileSystem: lazy)
+        let (lazyLog, _) = try WriteAheadLog.open(in: lazyDirectory, options: LogOptions(fsyncPolicy: .everysec, segmentSize: 4096))
+        #expect(throws: StorageError.invalidConfiguration("inline writes need fsync always (the writer thread syncs everysec's writes)")) {
+            try lazyLog.write(entries: Self.entries(1...1, term: 1), hardState: nil, inline: true) { _ in }
+        }
+        #expect(lazyLog.lastIndex < LogIndex(1), "nothing was queued")
+        lazyLog.close()
+        lazyDirectory.unlock()
+    }
+
+    @Test("an inline write that meets a full disk fails before it returns, and the log goes on; a failed sync stops it")
+    func inlineWriteFailures() async throws {
+        let fs = SimulatedFileSystem(seed: 63)
+        let (directory, log, _) = try Self.open(fs)
+        defer {
+            log.close()
+            directory.unlock()
+        }
+        try await Self.write(log, Self.entries(1...5, term: 1), inline: true)
+        fs.setCapacity(fs.usedBytes + 100)
+        let big = LogEntry(index: LogIndex(6), term: Term(1), payload: [UInt8](repeating: 3, count: 6000))
+        await #expect(throws: StorageError.self) { try await Self.write(log, [big], inline: true) }
+        fs.setCapacity(nil)
+        try await Self.write(log, [big], inline: true)
+        fs.failNextSyncs(1)
+        await #expect(throws: StorageError.self) { try await Self.write(log, Self.entries(7...7, term: 1), inline: true) }
+        #expect(throws: StorageError.self) { try log.write(entries: Self.entries(7...7, term: 1), hardState: nil, inline: true) { _ in } }
+        #expect(try Self.contents(log).map(\.index) == (1...6).map { LogIndex(UInt64($0)) })
     }
 }
 

@@ -340,6 +340,13 @@ struct NodeAPITests {
             _ = try await KeelNode.start(configuration: configuration, machine: TestMachine(), group: group)
         }
         configuration = settings(1, base, members: [NodeID(1): address(1)])
+        configuration.log.fsyncPolicy = .everysec
+        configuration.allowUnsyncedLog = true
+        configuration.syncOnLoop = true
+        await #expect(throws: NodeError.invalidArgument("syncOnLoop needs the log's fsync `always`")) {
+            _ = try await KeelNode.start(configuration: configuration, machine: TestMachine(), group: group)
+        }
+        configuration = settings(1, base, members: [NodeID(1): address(1)])
         configuration.clusterToken = []
         await #expect(throws: NodeError.self) { _ = try await KeelNode.start(configuration: configuration, machine: TestMachine(), group: group) }
         configuration = settings(1, base, members: [NodeID(1): address(1)])
@@ -386,13 +393,14 @@ extension NodeAPITests {
         try await group.shutdownGracefully()
     }
 
-    @Test("a node whose fsync fails stops taking part and says why")
-    func fsyncFailureStops() async throws {
+    @Test("a node whose fsync fails stops taking part and says why (the log's writer thread syncing, or the loop)", arguments: [false, true])
+    func fsyncFailureStops(syncOnLoop: Bool) async throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let ports = try await freePorts(1, group: group)
         let fileSystem = SimulatedFileSystem(seed: 7)
-        let node = try await KeelNode.start(configuration: settings(1, "/keel", members: [NodeID(1): address(ports[0])]),
-                                            machine: TestMachine(), group: group, logger: silentLogger, fileSystem: fileSystem)
+        var configuration = settings(1, "/keel", members: [NodeID(1): address(ports[0])])
+        configuration.syncOnLoop = syncOnLoop
+        let node = try await KeelNode.start(configuration: configuration, machine: TestMachine(), group: group, logger: silentLogger, fileSystem: fileSystem)
         try await commit("set a 1", via: [node])
         fileSystem.failNextSyncs(1)
         await #expect(throws: NodeError.self) { _ = try await node.propose(Array("set b 2".utf8)) }
@@ -497,13 +505,15 @@ extension NodeAPITests {
 }
 
 extension NodeAPITests {
-    @Test("a full disk refuses writes with noSpace, keeps what was acknowledged and serves reads, and takes writes again once there is room")
-    func fullDisk() async throws {
+    @Test("a full disk refuses writes with noSpace, keeps what was acknowledged and serves reads, and takes writes again once there is room (the log's writer thread writing, or the loop)",
+          arguments: [false, true])
+    func fullDisk(syncOnLoop: Bool) async throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let ports = try await freePorts(1, group: group)
         let disk = SimulatedFileSystem(seed: 11)
         var configuration = settings(1, "/full", members: [NodeID(1): address(ports[0])])
         configuration.log = LogOptions(segmentSize: 16 << 10)
+        configuration.syncOnLoop = syncOnLoop
         let node = try await KeelNode.start(configuration: configuration, machine: TestMachine(), group: group, logger: silentLogger, fileSystem: disk)
         try await commit("set first 1", via: [node])
         disk.setCapacity(disk.usedBytes + (4 << 10))
