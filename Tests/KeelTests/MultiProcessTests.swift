@@ -3,6 +3,11 @@ import NIOCore
 import NIOPosix
 import Testing
 
+struct NodeStartFailure: Error, CustomStringConvertible {
+    let node: Int
+    var description: String { "node \(node) exited or was not ready within 60 s" }
+}
+
 /// Three `keel-node-harness` processes; every peer link (i to j) goes through its own proxy, so a
 /// test can cut any link in either direction.
 final class ProcessCluster: @unchecked Sendable {
@@ -50,8 +55,9 @@ final class ProcessCluster: @unchecked Sendable {
             "--id", "\(i + 1)", "--dir", "\(base)/node\(i + 1)", "--members", members.joined(separator: ","),
             "--tick-ms", "20", "--snapshot-interval", "\(snapshotInterval)",
         ])
-        await node.waitUntilReady()
+        let ready = await node.waitUntilReady()
         nodes[i] = node
+        if !ready { throw NodeStartFailure(node: i + 1) }
     }
 
     /// The index of the node every live node agrees leads, if any.

@@ -41,12 +41,17 @@ final class NodeProcess: @unchecked Sendable {
         process.standardError = FileHandle.nullDevice
         let reader = output.fileHandleForReading
         process.terminationHandler = { [state] _ in
-            let waiting = state.withLockedValue { state -> [CheckedContinuation<String, Never>] in
+            let (waiting, ready) = state.withLockedValue { state -> ([CheckedContinuation<String, Never>], CheckedContinuation<Void, Never>?) in
                 state.exited = true
-                defer { state.waiting = [:] }
-                return Array(state.waiting.values)
+                defer {
+                    state.waiting = [:]
+                    state.ready = nil
+                }
+                return (Array(state.waiting.values), state.ready)
             }
             for continuation in waiting { continuation.resume(returning: "exited") }
+            // A node that exits before it is ready (a port taken meanwhile) must not hang its test.
+            ready?.resume()
         }
         try process.run()
         Thread.detachNewThread { [state] in
@@ -77,18 +82,34 @@ final class NodeProcess: @unchecked Sendable {
     }
 
     var pid: Int32 { process.processIdentifier }
-    var isRunning: Bool { process.isRunning }
+    /// Whether the process is still there: not if Foundation saw it exit, or if it is gone or a
+    /// zombie by /proc (a full-suite run once hung for good in a loop on `Process.isRunning`
+    /// after every node had exited, so that is not the only word on it).
+    var isRunning: Bool {
+        guard process.isRunning, !state.withLockedValue({ $0.exited }) else { return false }
+        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+              let close = stat.lastIndex(of: ")") else { return false }
+        return !stat[stat.index(after: close)...].trimmingCharacters(in: .whitespaces).hasPrefix("Z")
+    }
 
-    /// Waits for the node's "ready" line.
-    func waitUntilReady() async {
+    /// Waits for the node's "ready" line; false if the process exited first or 60 s passed.
+    @discardableResult
+    func waitUntilReady(seconds: Double = 60) async -> Bool {
         await withCheckedContinuation { continuation in
             let now = state.withLockedValue { state -> Bool in
-                if state.isReady { return true }
+                if state.isReady || state.exited { return true }
                 state.ready = continuation
                 return false
             }
-            if now { continuation.resume() }
+            if now { return continuation.resume() }
+            DispatchQueue.global().asyncAfter(deadline: .now() + seconds) { [state] in
+                state.withLockedValue { state -> CheckedContinuation<Void, Never>? in
+                    defer { state.ready = nil }
+                    return state.ready
+                }?.resume()
+            }
         }
+        return state.withLockedValue { $0.isReady }
     }
 
     /// Sends a request and returns the reply (without its tag); "timeout" after `seconds`.
@@ -122,17 +143,17 @@ final class NodeProcess: @unchecked Sendable {
 
     func signal(_ signal: Int32) { kill(process.processIdentifier, signal) }
 
-    /// SIGKILL, then waits for the exit.
+    /// SIGKILL, then waits for the exit (at most 30 s).
     func kill9() async {
         signal(SIGKILL)
-        while process.isRunning { try? await Task.sleep(for: .milliseconds(10)) }
+        for _ in 0..<3000 where isRunning { try? await Task.sleep(for: .milliseconds(10)) }
     }
 
     /// Closes its input (it shuts down cleanly) and waits, or kills it after 10 s.
     func stop() async {
-        if process.isRunning { try? input.fileHandleForWriting.close() }
-        for _ in 0..<1000 where process.isRunning { try? await Task.sleep(for: .milliseconds(10)) }
-        if process.isRunning { await kill9() }
+        if isRunning { try? input.fileHandleForWriting.close() }
+        for _ in 0..<1000 where isRunning { try? await Task.sleep(for: .milliseconds(10)) }
+        if isRunning { await kill9() }
     }
 }
 
