@@ -47,6 +47,11 @@ public struct ServerConfiguration: Sendable {
     public var clusterToken = "keel"
     /// Join a running cluster (as a learner a member added) instead of founding one.
     public var join = false
+    /// With fsync `always` on a single node, whether the node's loop writes and syncs each group
+    /// commit itself, waiting for the disk as Redis's loop does (`--sync-on-loop yes`, the
+    /// default), or hands it to the log's writer thread and goes on (`no`). A cluster always uses
+    /// the writer thread (`NodeConfiguration.syncOnLoop`).
+    public var syncOnLoop = true
     /// Event loop threads for connections (clients and peers) and the node. With one everything
     /// runs on one loop and nothing hops between threads; more spread the connections (the node
     /// still runs on one of them). The log writes from its own thread either way. The default is
@@ -97,7 +102,7 @@ public struct ServerConfiguration: Sendable {
         configuration.log.fsyncPolicy = fsync
         // With a sync for every write a single node's loop writes and syncs each group commit
         // itself, as Redis's does (docs/server.md, "The log's writes").
-        configuration.syncOnLoop = fsync == .always
+        configuration.syncOnLoop = syncOnLoop && fsync == .always
         configuration.log.segmentSize = logSegmentBytes
         configuration.allowUnsyncedLog = fsync != .always
         return configuration

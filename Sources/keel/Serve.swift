@@ -39,6 +39,7 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .customLong("tcp-keepalive"), help: "Seconds of silence before TCP keepalive probes a client (default 300; 0 turns it off).") var tcpKeepalive: Int?
     @Option(name: .customLong("proto-max-bulk-len"), help: "Longest bulk string in bytes (default 536870912).") var protoMaxBulkLen: Int?
     @Option(name: .customLong("client-query-buffer-limit"), help: "Most unparsed bytes per client (default 1073741824).") var queryBufferLimit: Int?
+    @Option(name: .customLong("sync-on-loop"), help: "With --fsync always on a single node: yes (default), the node's loop writes and syncs each group commit and waits for the disk, as Redis does; no, the log's writer thread does, and the loop goes on meanwhile.") var syncOnLoop: String?
     @Option(name: .customLong("io-threads"), help: "Event loop threads for connections and the node (default: half the cores, 1 to 8; with 1 nothing hops between threads).") var ioThreads: Int?
     @Option(name: .customLong("node-id"), help: "This node's id in a cluster (default 1).") var nodeID: UInt64?
     @Option(name: .customLong("peer-port"), help: "Port for the other nodes (default 16379).") var peerPort: Int?
@@ -49,6 +50,7 @@ struct Serve: AsyncParsableCommand {
 
     func validate() throws {
         if let fsync, FsyncPolicy(rawValue: fsync) == nil { throw ValidationError("--fsync takes always, everysec or never") }
+        if let syncOnLoop, !["yes", "no"].contains(syncOnLoop) { throw ValidationError("--sync-on-loop takes yes or no") }
     }
 
     func run() async throws {
@@ -68,6 +70,10 @@ struct Serve: AsyncParsableCommand {
         if let policy = value(fsync, "fsync") {
             guard let parsed = FsyncPolicy(rawValue: policy) else { throw ValidationError("fsync takes always, everysec or never") }
             settings.fsync = parsed
+        }
+        if let choice = value(syncOnLoop, "sync-on-loop") {
+            guard ["yes", "no"].contains(choice) else { throw ValidationError("sync-on-loop takes yes or no") }
+            settings.syncOnLoop = choice == "yes"
         }
         settings.requirePassword = value(requirepass, "requirepass")
         settings.httpPort = try number(httpPort, "http-port") ?? settings.httpPort

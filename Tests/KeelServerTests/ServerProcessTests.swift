@@ -365,11 +365,12 @@ struct ServerProcessTests {
     }
     #endif
 
-    @Test("SIGKILL under redis-benchmark load, then a restart: every acknowledged SET is there")
-    func killUnderLoad() async throws {
-        let directory = temporaryDirectory("kill")
+    @Test("SIGKILL under redis-benchmark load, then a restart: every acknowledged SET is there (the loop syncing, and the log's writer thread)",
+          arguments: ["yes", "no"])
+    func killUnderLoad(syncOnLoop: String) async throws {
+        let directory = temporaryDirectory("kill-\(syncOnLoop)")
         defer { try? FileManager.default.removeItem(atPath: directory) }
-        let server = ServerProcess(directory: directory)
+        let server = ServerProcess(directory: directory, extra: ["--sync-on-loop", syncOnLoop])
         try await server.start()
         async let load = runTool(which("redis-benchmark"), ["-p", String(server.port), "-t", "set", "-n", "1000000", "-c", "20", "-r", "100000", "-q"],
                                  timeout: 30)
@@ -567,7 +568,7 @@ extension Process {
 }
 
 extension ServerProcessTests {
-    @Test("bad values for --log-segment-bytes, --checkpoint-log-growth, --peer-routes, --timeout, --tcp-keepalive and keel torture's flags are refused with a clear error")
+    @Test("bad values for --log-segment-bytes, --checkpoint-log-growth, --peer-routes, --timeout, --tcp-keepalive, --sync-on-loop and keel torture's flags are refused with a clear error")
     func badFlags() async throws {
         let keel = products() + "/keel"
         let directory = temporaryDirectory("flags")
@@ -582,6 +583,8 @@ extension ServerProcessTests {
         #expect(timeout.status != 0 && timeout.output.contains("--timeout must be in 0...2147483647"), "\(timeout.output)")
         let keepalive = await runTool(keel, ["serve", "--port", String(freePort()), "--data-dir", directory, "--tcp-keepalive", "40000"])
         #expect(keepalive.status != 0 && keepalive.output.contains("--tcp-keepalive must be in 0...32767"), "\(keepalive.output)")
+        let sync = await runTool(keel, ["serve", "--port", String(freePort()), "--data-dir", directory, "--sync-on-loop", "maybe"])
+        #expect(sync.status != 0 && sync.output.contains("--sync-on-loop takes yes or no"), "\(sync.output)")
         let nodes = await runTool(keel, ["torture", "--nodes", "2", "--work-dir", directory + "/torture"])
         #expect(nodes.status == 2 && nodes.output.contains("--nodes takes 1, 3 or 5"), "\(nodes.output)")
         let kind = await runTool(keel, ["torture", "--faults", "kill,flood"])
