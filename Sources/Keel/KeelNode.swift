@@ -726,7 +726,7 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         let hardState = toWrite
         if ready.incomingSnapshotChunks.isEmpty && ready.snapshot == nil {
             // Entries and hard state only: hand them straight to the log's writer thread (the
-            // call only queues them).
+            // call only queues them), or, inline, write them here.
             // Committed entries this node already holds on disk (before this Ready's first new
             // entry) are applied while the writer syncs, and their callers answered: they are on
             // a majority's disks, this one's included, so nothing about this write can undo them.

@@ -149,13 +149,15 @@ public struct NodeConfiguration: Sendable {
     /// Promote a learner to voter once it is within `promotionLagEntries` of the leader's log.
     public var autoPromoteLearners = true
     public var promotionLagEntries: UInt64 = 100
-    /// A sole voter (one node) writes and syncs each group commit on its loop, which waits for the
-    /// disk as Redis's loop waits in its fsync, instead of handing it to the log's writer thread
-    /// and taking the result back (`WriteAheadLog.write(entries:hardState:inline:completion:)`).
-    /// Faster where the loop, the clients and the disk share few cores (docs/server.md, "The
-    /// log's writes"); in a cluster, or with a loop shared with other work that must not wait
-    /// for the disk, the writer thread is used. Needs the log's fsync `always`. Off by default;
-    /// `keel serve --fsync always` turns it on.
+    /// A leader that is the only voter (a single node, or one whose learners are catching up)
+    /// writes and syncs each group commit on its loop, which waits for the disk as Redis's loop
+    /// waits in its fsync, instead of handing it to the log's writer thread and taking the result
+    /// back (`WriteAheadLog.write(entries:hardState:inline:completion:)`). Faster where the loop,
+    /// the clients and the disk share few cores (docs/server.md, "The log's writes"). With other
+    /// voters the writer thread is used whatever this says (a leader must go on taking their
+    /// acknowledgements while it syncs); leave it off for a loop shared with work that must not
+    /// wait for the disk. Needs the log's fsync `always`. Off by default; `keel serve` turns it
+    /// on with its default fsync `always` (`--sync-on-loop no` leaves it off).
     public var syncOnLoop = false
     /// The log's settings. The fsync policy must be `always` (Raft's votes and acknowledged
     /// entries must survive a crash) unless `allowUnsyncedLog` is set.

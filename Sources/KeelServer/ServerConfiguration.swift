@@ -49,8 +49,8 @@ public struct ServerConfiguration: Sendable {
     public var join = false
     /// With fsync `always` on a single node, whether the node's loop writes and syncs each group
     /// commit itself, waiting for the disk as Redis's loop does (`--sync-on-loop yes`, the
-    /// default), or hands it to the log's writer thread and goes on (`no`). A cluster always uses
-    /// the writer thread (`NodeConfiguration.syncOnLoop`).
+    /// default), or hands it to the log's writer thread and goes on (`no`). With other voters
+    /// the writer thread is used either way (`NodeConfiguration.syncOnLoop`).
     public var syncOnLoop = true
     /// Event loop threads for connections (clients and peers) and the node. With one everything
     /// runs on one loop and nothing hops between threads; more spread the connections (the node

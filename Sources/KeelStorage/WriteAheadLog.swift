@@ -393,6 +393,10 @@ public final class WriteAheadLog: @unchecked Sendable {
     /// Queues an entry; `completion` runs on the writer thread once the entry is durable under the
     /// policy (or has failed), after the completions of all earlier entries.
     ///
+    /// Completions run while the log's write lock is held (here and in `write`): one must not write
+    /// to this log inline, close it, or wait for a thread that may be waiting to write to it; it
+    /// may hand its result on (resume a continuation, schedule work on an event loop).
+    ///
     /// - Returns: the index the entry will have if it succeeds (after a failure the index is given
     ///   to the next entry).
     /// - Throws: `StorageError` when the log refuses the entry at once (stopped, closed, over a limit).
@@ -423,9 +427,11 @@ public final class WriteAheadLog: @unchecked Sendable {
     /// (Raft §5.3: a follower drops a conflicting suffix); the replaced entries must not have been
     /// compacted.
     ///
-    /// - Parameter inline: write and sync on the calling thread before returning (and call
-    ///   `completion` there), after anything queued before, instead of handing the write to the
-    ///   writer thread. For an owner that writes one group commit at a time from a loop of its
+    /// - Parameter inline: write and sync on the calling thread before returning, after anything
+    ///   queued before, instead of handing the write to the writer thread; `completion` has run
+    ///   by the time this returns (on the calling thread, unless the writer thread failed the
+    ///   write first, after an earlier batch met a full disk or a failed sync, or wrote it while
+    ///   the log was closing). For an owner that writes one group commit at a time from a loop of its
     ///   own: the caller waits for the disk, as Redis's loop waits in its fsync, and nothing goes
     ///   from thread to thread and back for each write. Needs fsync `always` (the writer thread
     ///   keeps `everysec`'s timer).
