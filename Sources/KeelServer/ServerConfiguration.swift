@@ -54,8 +54,9 @@ public struct ServerConfiguration: Sendable {
     public var syncOnLoop = true
     /// Event loop threads for connections (clients and peers) and the node. With one everything
     /// runs on one loop and nothing hops between threads; more spread the connections (the node
-    /// still runs on one of them). The log writes from its own thread either way. The default is
-    /// half the cores (1 to 8), leaving the rest to the log writer, the kernel and clients.
+    /// still runs on one of them). The log writes from its own thread either way (a single node
+    /// with fsync `always`: from the node's loop, `syncOnLoop`). The default is half the cores
+    /// (1 to 8), leaving the rest to the log writer, the kernel and clients.
     public var ioThreads = ServerConfiguration.defaultIOThreads
 
     /// Half the cores, at least 1 and at most 8.
