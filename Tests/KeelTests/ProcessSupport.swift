@@ -83,8 +83,9 @@ final class NodeProcess: @unchecked Sendable {
 
     var pid: Int32 { process.processIdentifier }
     /// Whether the process is still there: not if Foundation saw it exit, or if it is gone or a
-    /// zombie by /proc (a full-suite run once hung for good in a loop on `Process.isRunning`
-    /// after every node had exited, so that is not the only word on it).
+    /// zombie by /proc. (A full-suite run once hung for good in a test of this file with every
+    /// node process gone; a wait that trusted `Process.isRunning` alone, unbounded, is one way
+    /// that could happen, so it is not the only word on it.)
     var isRunning: Bool {
         guard process.isRunning, !state.withLockedValue({ $0.exited }) else { return false }
         guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
