@@ -431,10 +431,10 @@ public final class WriteAheadLog: @unchecked Sendable {
     ///   queued before, instead of handing the write to the writer thread; `completion` has run
     ///   by the time this returns (on the calling thread, unless the writer thread failed the
     ///   write first, after an earlier batch met a full disk or a failed sync, or wrote it while
-    ///   the log was closing). For an owner that writes one group commit at a time from a loop of its
-    ///   own: the caller waits for the disk, as Redis's loop waits in its fsync, and nothing goes
-    ///   from thread to thread and back for each write. Needs fsync `always` (the writer thread
-    ///   keeps `everysec`'s timer).
+    ///   the log was closing). For an owner that writes one group commit at a time from a loop
+    ///   of its own: the caller waits for the disk, as Redis's loop waits in its fsync, and
+    ///   nothing goes from thread to thread and back for each write. Needs fsync `always` (the
+    ///   writer thread keeps `everysec`'s timer).
     /// - Throws: `StorageError` when the log refuses the write at once.
     public func write(entries: [LogEntry], hardState: [UInt8]?, inline: Bool = false,
                       completion: @escaping @Sendable (Result<LogIndex, StorageError>) -> Void) throws(StorageError) {
