@@ -27,7 +27,8 @@ let package = Package(
     targets: [
         // CRC32C (Castagnoli): the SSE4.2 instruction where the CPU has it, a table otherwise.
         .target(name: "CKeelCRC32C"),
-        // The few POSIX calls Swift's Glibc module does not show (fallocate, flock constants).
+        // The few POSIX calls Swift's Glibc module does not show (fallocate, flock constants), and
+        // the CPU's prefetch hint.
         .target(name: "CKeelSystemShims"),
         .target(
             name: "KeelCore",
@@ -73,7 +74,7 @@ let package = Package(
         .target(
             name: "KeelKV",
             dependencies: [
-                "KeelCore", "KeelStorage",
+                "KeelCore", "KeelStorage", "CKeelSystemShims",
                 .product(name: "Collections", package: "swift-collections"),
             ],
             swiftSettings: strict

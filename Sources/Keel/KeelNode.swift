@@ -1001,12 +1001,20 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
 
     /// Applies committed entries in order: on the loop, or, for a leader's large batch, on
     /// `applyQueue` (and everything after it until that queue has caught up, to keep the order).
+    /// A lone entry at least this large may hold several commands (a transaction, or a
+    /// connection's pipelined writes): worth `willApply`.
+    static var hintBytesMin: Int { 256 }
+
     private func applyEntries(_ entries: ArraySlice<Entry>) {
         guard !entries.isEmpty else { return }
         if applying == 0 {
             let threshold = configuration.applyOffLoopBytes
             let large = threshold > 0 && role == .leader && entries.reduce(0) { $0 + $1.data.count } >= threshold
             if !large {
+                if entries.count > 1 || entries.first.map({ $0.data.count >= Self.hintBytesMin }) == true {
+                    let commands = entries.compactMap { $0.kind == .normal ? CommandRecord.decode($0.data)?.1 : nil }
+                    machineLock.withLock { machine.willApply(commands) }
+                }
                 for entry in entries { finishApply(entry, result: applyToMachine(entry)) }
                 return
             }

@@ -26,6 +26,11 @@ public protocol StateMachine: AnyObject, SendableMetatype {
     /// can read a slice implements this as well (both must give the same result).
     func apply(_ command: ArraySlice<UInt8>) -> [UInt8]
 
+    /// A hint that these committed commands are about to be applied, in this order: a machine may
+    /// start loading what they will touch into the cache (so that the misses of many commands
+    /// overlap). It must not change the state. The default does nothing.
+    func willApply(_ commands: [ArraySlice<UInt8>])
+
     /// The state as of the last applied command. Called on the loop; written out off the loop.
     func snapshot() -> Snapshot
 
@@ -35,6 +40,7 @@ public protocol StateMachine: AnyObject, SendableMetatype {
 
 extension StateMachine {
     public func apply(_ command: ArraySlice<UInt8>) -> [UInt8] { apply(Array(command)) }
+    public func willApply(_ commands: [ArraySlice<UInt8>]) {}
 }
 
 /// How current a read must be.

@@ -168,6 +168,40 @@ public enum KVEntry: Sendable, Equatable {
         arguments.reduce(1 + 4 + name.utf8.count + 4) { $0 + 4 + $1.count }
     }
 
+    /// Calls `body` with the database and first argument of each command in an entry (one, or a
+    /// transaction's), read where they lie in its bytes; nothing for other entries, or malformed ones.
+    static func forEachFirstArgument(_ bytes: ArraySlice<UInt8>, _ body: (Int, ArraySlice<UInt8>) -> Void) {
+        var reader = ByteReader(bytes)
+        func command() -> (Int, ArraySlice<UInt8>?)? {
+            guard let database = try? reader.readUInt8(), database < KVStore.databaseCount,
+                  (try? reader.readLengthPrefixed(limit: 64)) != nil, let count = try? reader.readUInt32() else { return nil }
+            var first: ArraySlice<UInt8>?
+            for index in 0..<count {
+                guard let argument = try? reader.readLengthPrefixed(limit: bytes.count) else { return nil }
+                if index == 0 { first = argument }
+            }
+            return (Int(database), first)
+        }
+        guard (try? reader.readUInt8()) == 1, (try? reader.readUInt64()) != nil, let kind = try? reader.readUInt8() else { return }
+        switch kind {
+        case 1:
+            if let (database, first) = command(), let first { body(database, first) }
+        case 2:
+            guard let watched = try? reader.readUInt32() else { return }
+            for _ in 0..<watched {
+                guard (try? reader.readUInt8()) != nil, (try? reader.readLengthPrefixed(limit: bytes.count)) != nil,
+                      (try? reader.readUInt64()) != nil else { return }
+            }
+            guard let count = try? reader.readUInt32() else { return }
+            for _ in 0..<count {
+                guard let (database, first) = command() else { return }
+                if let first { body(database, first) }
+            }
+        default:
+            return
+        }
+    }
+
     /// Decodes an entry from an array or from a slice of a larger buffer (the log entry it came in).
     public static func decode<Bytes: RandomAccessCollection<UInt8> & Sendable>(_ bytes: Bytes) throws(DecodingError) -> (now: Int64, entry: KVEntry)
         where Bytes.Index == Int {
@@ -259,6 +293,9 @@ public final class KVStore: @unchecked Sendable {
             for key in watched where currentRevision(database: key.database, key: key.key) != key.revision {
                 return Reply.array(nil).encoded
             }
+            prefetch(commands.compactMap { command in
+                command.arguments.first.map { (command.database, HashTrie<KeyBytes, StoredValue>.hash(KeyBytes($0))) }
+            })
             return Reply.array(commands.map { run($0.name, $0.arguments, database: $0.database) }).encoded
         case .expire(let keys):
             var removed: Int64 = 0
@@ -268,6 +305,31 @@ public final class KVStore: @unchecked Sendable {
                 removed += 1
             }
             return Reply.integer(removed).encoded
+        }
+    }
+
+    /// Starts loading into the cache the keys these entries are about to write, before they are
+    /// applied in this order (see `HashTrie.prefetch`): the first argument of each command, which
+    /// is the key of every write that has one (for the few without, a harmless guess).
+    public func willApply(_ entries: [ArraySlice<UInt8>]) {
+        var keys: [(database: Int, hash: UInt64)] = []
+        keys.reserveCapacity(entries.count)
+        for entry in entries {
+            KVEntry.forEachFirstArgument(entry) { database, key in
+                keys.append((database, UInt64(bitPattern: Int64(KeyBytes.hashValue(of: key)))))
+            }
+        }
+        prefetch(keys)
+    }
+
+    private func prefetch(_ keys: [(database: Int, hash: UInt64)]) {
+        guard keys.count > 1, let first = keys.first?.database else { return }
+        if keys.allSatisfy({ $0.database == first }) {
+            databases[first].keys.prefetch(keys.map(\.hash))
+        } else {
+            for database in Set(keys.map(\.database)) {
+                databases[database].keys.prefetch(keys.filter { $0.database == database }.map(\.hash))
+            }
         }
     }
 

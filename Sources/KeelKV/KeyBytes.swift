@@ -16,4 +16,13 @@ public struct KeyBytes: Hashable, Sendable {
         bytes.withUnsafeBytes { hasher.combine(bytes: $0) }
         hasher.combine(bytes.count)
     }
+
+    /// The `hashValue` of the key these bytes make, without copying them into one.
+    @inlinable
+    public static func hashValue(of bytes: ArraySlice<UInt8>) -> Int {
+        var hasher = Hasher()
+        bytes.withUnsafeBytes { hasher.combine(bytes: $0) }
+        hasher.combine(bytes.count)
+        return hasher.finalize()
+    }
 }

@@ -20,11 +20,27 @@ final class TestMachine: StateMachine, @unchecked Sendable {
     /// Microseconds each command takes (a slow machine widens races with the loop).
     var applyDelay: UInt32 = 0
 
+    /// Commands `willApply` announced and `apply` has not met yet, in order.
+    var announced: [String] = []
+    /// Announced commands in all, and commands applied other than the next one announced.
+    var announcedCount = 0
+    var appliedUnannounced = 0
+
+    func willApply(_ commands: [ArraySlice<UInt8>]) {
+        // Every announced command comes next, in order: none may be pending from an earlier call.
+        if !announced.isEmpty { appliedUnannounced += announced.count }
+        announced = commands.map { String(decoding: $0, as: UTF8.self) }
+        announcedCount += commands.count
+    }
+
     func apply(_ command: [UInt8]) -> [UInt8] {
         // (After the change: a read or snapshot in the window sees it.)
         defer { if applyDelay > 0 { usleep(applyDelay) } }
         let text = String(decoding: command, as: UTF8.self)
         applied.append(text)
+        if !announced.isEmpty {
+            if announced.first == text { announced.removeFirst() } else { appliedUnannounced += 1 }
+        }
         if MultiThreadedEventLoopGroup.currentEventLoop == nil { appliedOffLoop += 1 }
         let parts = text.split(separator: " ").map(String.init)
         if parts.count == 3, parts[0] == "set" {

@@ -417,6 +417,30 @@ extension NodeAPITests {
         try await group.shutdownGracefully()
     }
 
+    @Test("a batch of committed commands is announced to the machine (willApply) and then applied exactly as announced, in order (the log's writer thread syncing, or the loop)",
+          arguments: [false, true])
+    func willApplyAnnouncesBatches(syncOnLoop: Bool) async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let base = NSTemporaryDirectory() + "keel-announce-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        let members = try await freshMembers(1, group: group)
+        let node = try await start(1...1, base, members: members, group: group) { $0.syncOnLoop = syncOnLoop }[0]
+        try await commit("set warm 0", via: [node])
+        // Many proposals at once: they are written, committed and applied in batches.
+        try await withThrowingTaskGroup(of: Void.self) { tasks in
+            for i in 0..<400 { tasks.addTask { _ = try await node.propose(Array("append k\(i % 7) \(i)".utf8)) } }
+            try await tasks.waitForAll()
+        }
+        let (announced, unannounced, pending, applied) = try await node.read(consistency: .local) {
+            ($0.announcedCount, $0.appliedUnannounced, $0.announced.count, $0.applied.count)
+        }
+        #expect(applied == 401)
+        #expect(announced > 0, "batches were announced")
+        #expect(unannounced == 0 && pending == 0, "what was announced was applied next, in order")
+        await node.shutdown()
+        try await group.shutdownGracefully()
+    }
+
     @Test("a leader whose checkpoint rotted on disk writes a fresh one instead of sending it; the follower catches up")
     func damagedLeaderCheckpoint() async throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)

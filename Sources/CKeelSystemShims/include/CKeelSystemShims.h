@@ -1,4 +1,5 @@
-// The few POSIX and Linux calls that Swift's Glibc module does not expose cleanly.
+// The few POSIX and Linux calls that Swift's Glibc module does not expose cleanly, and the CPU's
+// prefetch hint.
 #ifndef CKEEL_SYSTEM_SHIMS_H
 #define CKEEL_SYSTEM_SHIMS_H
 
@@ -21,6 +22,16 @@ int ckeel_open_directory(const char *path);
 
 /// The current thread's errno.
 int ckeel_errno(void);
+
+/// Asks the CPU to start loading the cache line at `address` (a hint: it never faults, whatever
+/// the address, and changes nothing a program can see but timing).
+static inline void ckeel_prefetch(const void *address) {
+#if defined(__GNUC__) || defined(__clang__)
+    __builtin_prefetch(address);
+#else
+    (void)address;
+#endif
+}
 
 #ifdef __cplusplus
 }
