@@ -322,6 +322,18 @@ public final class KVStore: @unchecked Sendable {
         prefetch(keys)
     }
 
+    /// Starts loading into the cache the keys these read commands (a pipelined burst, about to
+    /// be run in this order on `database`) will look up (see `willApply`).
+    public func willRead(_ commands: [KVCommand], database: Int) {
+        guard commands.count > 1 else { return }
+        var hashes: [UInt64] = []
+        hashes.reserveCapacity(commands.count)
+        for command in commands {
+            for key in command.keys { hashes.append(HashTrie<KeyBytes, StoredValue>.hash(KeyBytes(key))) }
+        }
+        databases[database].keys.prefetch(hashes)
+    }
+
     private func prefetch(_ keys: [(database: Int, hash: UInt64)]) {
         guard keys.count > 1, let first = keys.first?.database else { return }
         if keys.allSatisfy({ $0.database == first }) {

@@ -618,7 +618,10 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
             // burst of pipelined reads is worth the hop to the node's loop, which then serves it
             // while this loop parses what follows (with one loop for everything, no hop either way).
             let started = DispatchTime.now().uptimeNanoseconds
-            if reads.count <= Self.directReadsMax || server.node.eventLoop.inEventLoop, let results = server.node.readDirectly({ store in reads.map { store.read($0, database: database, now: now) } }) {
+            if reads.count <= Self.directReadsMax || server.node.eventLoop.inEventLoop, let results = server.node.readDirectly({ store in
+                store.willRead(reads, database: database)
+                return reads.map { store.read($0, database: database, now: now) }
+            }) {
                 let expired = results.flatMap(\.1)
                 if !expired.isEmpty { Task { await server.deleteExpired(expired) } }
                 recordLatency(.read, count: reads.count, started: started)
@@ -626,7 +629,8 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
             }
             answerLater(kind: .read) { done in
                 server.node.read(consistency: consistency, { store in
-                    reads.map { store.read($0, database: database, now: KeelServer.nowMilliseconds()) }
+                    store.willRead(reads, database: database)
+                    return reads.map { store.read($0, database: database, now: KeelServer.nowMilliseconds()) }
                 }, completion: { result in
                     switch result {
                     case .success(let results):

@@ -94,6 +94,23 @@ struct PrefetchTests {
         #expect(found([]).isEmpty && found([7, 7, 7]).isEmpty)
     }
 
+    @Test("reads run after willRead give the same replies as without it, and change nothing")
+    func willReadChangesNothing() throws {
+        let store = KVStore()
+        for number in 0..<2000 {
+            _ = store.apply(KVEntry.command(database: 1, name: "set", arguments: [Self.key(number), Array("v\(number)".utf8)]).encoded(now: 1000))
+        }
+        let words: [[String]] = [["get", "key:5"], ["get", "key:99999"], ["mget", "key:1", "key:2", "nope"], ["exists", "key:3", "key:4"],
+                                 ["strlen", "key:1999"], ["ttl", "key:7"], ["dbsize"], ["get", "key:5"]]
+        let commands = try words.map { try KVCommand.parse($0[0], $0.dropFirst().map { Array($0.utf8) }, now: 1000) }
+        let expected = commands.map { store.read($0, database: 1, now: 1000).0 }
+        store.willRead(commands, database: 1)
+        store.willRead(commands, database: 0)
+        #expect(commands.map { store.read($0, database: 1, now: 1000).0 } == expected)
+        #expect(expected[0] == .bulk(Array("v5".utf8)) && expected[1] == .bulk(nil))
+        #expect(store.databases[1].keys.count == 2000 && store.databases[0].keys.isEmpty)
+    }
+
     @Test("a batch applied after willApply gives the same replies and state as without it")
     func willApplyChangesNothing() {
         let hinted = KVStore(), plain = KVStore()
