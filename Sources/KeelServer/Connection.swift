@@ -611,14 +611,18 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
                 group.append(next.command)
             }
             let database = self.database
-            let consistency: Consistency = readonly ? .local : .linearizable
             let server = self.server
             let reads = group
-            // A sole voter that has applied all it committed answers on this thread, at once; a
-            // burst of pipelined reads is worth the hop to the node's loop, which then serves it
-            // while this loop parses what follows (with one loop for everything, no hop either way).
+            // A sole voter that has applied all it committed answers on this thread: a few reads
+            // at the end of this turn of the loop, with the other connections' (`ReadBatch`); a
+            // burst of pipelined reads at once if the node shares this loop, else on the node's
+            // loop, which then serves it while this loop parses what follows.
             let started = DispatchTime.now().uptimeNanoseconds
-            if reads.count <= Self.directReadsMax || server.node.eventLoop.inEventLoop, let results = server.node.readDirectly({ store in
+            if reads.count <= Self.directReadsMax, let loop = context?.eventLoop, let batch = server.readBatches[ObjectIdentifier(loop)] {
+                busy = true
+                return batch.add(ReadBatch.Item(connection: self, reads: reads, database: database, now: now, started: started))
+            }
+            if server.node.eventLoop.inEventLoop, let results = server.node.readDirectly({ store in
                 store.willRead(reads, database: database)
                 return reads.map { store.read($0, database: database, now: now) }
             }) {
@@ -627,22 +631,40 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
                 recordLatency(.read, count: reads.count, started: started)
                 return results.forEach { write($0.0) }
             }
-            answerLater(kind: .read) { done in
-                server.node.read(consistency: consistency, { store in
-                    store.willRead(reads, database: database)
-                    return reads.map { store.read($0, database: database, now: KeelServer.nowMilliseconds()) }
-                }, completion: { result in
-                    switch result {
-                    case .success(let results):
-                        let expired = results.flatMap(\.1)
-                        if !expired.isEmpty { Task { await server.deleteExpired(expired) } }
-                        done(results.map(\.0))
-                    case .failure(let error):
-                        // One reply per request of the group.
-                        done(Array(repeating: .error(RESPConnection.describe(error)), count: reads.count))
-                    }
-                })
-            }
+            readThroughNode(reads, database: database)
+        }
+    }
+
+    /// The end of a read `ReadBatch` ran directly: its replies, then the requests behind it.
+    func answeredDirectly(_ results: [(Reply, [ExpiredKey])], started: UInt64) {
+        let expired = results.flatMap(\.1)
+        if !expired.isEmpty {
+            let server = self.server
+            Task { await server.deleteExpired(expired) }
+        }
+        answered(results.map(\.0), kind: .read, started: started)
+    }
+
+    /// Reads answered through the node (which hops to its loop, and, but for a sole voter that
+    /// has applied everything it committed, confirms its leadership first).
+    func readThroughNode(_ reads: [KVCommand], database: Int) {
+        let consistency: Consistency = readonly ? .local : .linearizable
+        let server = self.server
+        answerLater(kind: .read) { done in
+            server.node.read(consistency: consistency, { store in
+                store.willRead(reads, database: database)
+                return reads.map { store.read($0, database: database, now: KeelServer.nowMilliseconds()) }
+            }, completion: { result in
+                switch result {
+                case .success(let results):
+                    let expired = results.flatMap(\.1)
+                    if !expired.isEmpty { Task { await server.deleteExpired(expired) } }
+                    done(results.map(\.0))
+                case .failure(let error):
+                    // One reply per request of the group.
+                    done(Array(repeating: .error(RESPConnection.describe(error)), count: reads.count))
+                }
+            })
         }
     }
 
@@ -681,5 +703,59 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
     func unknownCommand(_ name: String, _ arguments: [[UInt8]]) -> String {
         let shown = arguments.prefix(16).map { "'\(String(decoding: $0.prefix(128), as: UTF8.self))' " }.joined()
         return "ERR unknown command '\(String(name.prefix(128)))', with args beginning with: \(shown)"
+    }
+}
+
+/// The few direct reads (`RESPConnection.directReadsMax` or fewer each) that one event loop's
+/// connections parsed in one turn of the loop, run together once the turn has read every
+/// connection (a task runs after the turn's reads): one hold of the machine's lock for all of
+/// them, and their keys prefetched together (`KVStore.willRead`), so that their cache misses
+/// overlap instead of coming one request at a time. Each connection waits (`busy`) until its
+/// reads are answered, so its replies keep their order. Touched on its loop only.
+final class ReadBatch: @unchecked Sendable {
+    // @unchecked Sendable: used on `loop` only.
+    struct Item {
+        let connection: RESPConnection
+        let reads: [KVCommand]
+        let database: Int
+        let now: Int64
+        let started: UInt64
+    }
+
+    let loop: any EventLoop
+    private var items: [Item] = []
+    private var scheduled = false
+
+    init(loop: any EventLoop) { self.loop = loop }
+
+    func add(_ item: Item) {
+        items.append(item)
+        guard !scheduled else { return }
+        scheduled = true
+        loop.execute { self.run() }
+    }
+
+    private func run() {
+        scheduled = false
+        let batch = items
+        items.removeAll(keepingCapacity: true)
+        guard let node = batch.first?.connection.server.node else { return }
+        let results = node.readDirectly { store -> [[(Reply, [ExpiredKey])]] in
+            let database = batch[0].database
+            if batch.allSatisfy({ $0.database == database }) {
+                store.willRead(batch.flatMap(\.reads), database: database)
+            } else {
+                for database in Set(batch.map(\.database)) {
+                    store.willRead(batch.filter { $0.database == database }.flatMap(\.reads), database: database)
+                }
+            }
+            return batch.map { item in item.reads.map { store.read($0, database: item.database, now: item.now) } }
+        }
+        for (index, item) in batch.enumerated() {
+            // Not a sole voter that has applied all it committed: through the node.
+            if let results { item.connection.answeredDirectly(results[index], started: item.started) } else {
+                item.connection.readThroughNode(item.reads, database: item.database)
+            }
+        }
     }
 }

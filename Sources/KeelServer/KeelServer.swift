@@ -50,6 +50,8 @@ public final class KeelServer: @unchecked Sendable {
     private let nextClient = NIOLockedValueBox<UInt64>(1)
     private var channel: (any Channel)?
     private var httpChannel: (any Channel)?
+    /// Each connection loop's direct reads of the current turn (see `ReadBatch`); set once.
+    let readBatches: [ObjectIdentifier: ReadBatch]
     /// The HTTP port, when HTTP is on.
     public private(set) var localHTTPPort = 0
     private var sweeper: RepeatedTask?
@@ -63,6 +65,9 @@ public final class KeelServer: @unchecked Sendable {
         self.nodeGroup = nodeGroup
         self.node = node
         self.logger = logger
+        var batches: [ObjectIdentifier: ReadBatch] = [:]
+        for loop in group.makeIterator() { batches[ObjectIdentifier(loop)] = ReadBatch(loop: loop) }
+        readBatches = batches
         // As Redis: LASTSAVE starts at the start-up time.
         stats.withLockedValue { $0.lastCheckpointUnixSeconds = Int64(Date().timeIntervalSince1970) }
     }

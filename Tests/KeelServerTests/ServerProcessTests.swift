@@ -202,6 +202,8 @@ struct ServerProcessTests {
         #expect(limits.status == 0 && limits.output.contains("ok"), "transaction limits: \(limits.output)")
         let batches = await runTool(which("python3"), [checks, "pipelined-limits", String(server.port)])
         #expect(batches.status == 0 && batches.output.contains("ok"), "pipelined writes' limits: \(batches.output)")
+        let concurrent = await runTool(which("python3"), [checks, "concurrent-reads", String(server.port)], timeout: 120)
+        #expect(concurrent.status == 0 && concurrent.output.contains("ok"), "concurrent readers: \(concurrent.output)")
         #expect(await server.cli("PING") == "PONG", "the server still serves")
         _ = await server.stop()
         // The same with connections spread over two event loops (requests hop to the node's loop:
@@ -215,6 +217,8 @@ struct ServerProcessTests {
         }
         let spreadMalformed = await runTool(which("python3"), [checks, "malformed", String(spread.port)])
         #expect(spreadMalformed.status == 0, "--io-threads 2, raw protocol: \(spreadMalformed.output)")
+        let spreadConcurrent = await runTool(which("python3"), [checks, "concurrent-reads", String(spread.port)], timeout: 120)
+        #expect(spreadConcurrent.status == 0 && spreadConcurrent.output.contains("ok"), "--io-threads 2, concurrent readers: \(spreadConcurrent.output)")
         _ = await spread.stop()
         let secured = ServerProcess(directory: directory + "-auth", extra: ["--requirepass", "s3cret"])
         defer { try? FileManager.default.removeItem(atPath: directory + "-auth") }

@@ -11,6 +11,7 @@ usage:
   redis_client_checks.py http PORT HTTPPORT         /health, /metrics (Prometheus text format), the status page, 404
   redis_client_checks.py transaction-limits PORT    MULTI and WATCH past one log entry's size are refused
   redis_client_checks.py slow-reader PORT           a client that pipelines large GETs and MGETs and reads nothing costs bounded memory
+  redis_client_checks.py concurrent-reads PORT      many connections reading at once (one turn's reads run together): each sees its own writes, in order
 Exits 0 when every check passes; prints the failing check and exits 1 otherwise.
 """
 import os
@@ -522,6 +523,49 @@ def held_replies(r, port, data, expected, count, closed=False):
     return s
 
 
+def concurrent_reads(port, clients=40, rounds=150):
+    """Each client writes its own keys in its database and reads them back at once, alone and in
+    small pipelined groups, while the others do the same: the reads of many connections are
+    answered together (one turn of the loop), and each must get its own replies, in its order."""
+    import threading
+    failures = []
+
+    def client(number):
+        try:
+            r = redis.Redis(port=port, db=number % 3, decode_responses=True)
+            for i in range(rounds):
+                key = "cr%d:%d" % (number, i % 5)
+                value = "%d-%d" % (number, i)
+                r.set(key, value)
+                got = r.get(key)
+                if got != value:
+                    failures.append("client %d round %d: GET %s gave %r, not %r" % (number, i, key, got, value))
+                    return
+                pipe = r.pipeline(transaction=False)
+                pipe.get(key)
+                pipe.exists(key, "cr%d:absent" % number)
+                pipe.mget(key, "cr%d:absent" % number)
+                if pipe.execute() != [value, 1, [value, None]]:
+                    failures.append("client %d round %d: a pipelined read group was answered out of turn" % (number, i))
+                    return
+        except Exception as error:  # noqa: BLE001 (reported below)
+            failures.append("client %d: %r" % (number, error))
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    check(not failures, "; ".join(failures[:5]))
+    # Each database holds exactly its clients' keys.
+    for database in range(3):
+        r = redis.Redis(port=port, db=database, decode_responses=True)
+        expected = sum(5 for n in range(clients) if n % 3 == database)
+        held = len(r.keys("cr*"))
+        check(held == expected, "database %d holds %d of the clients' keys, not %d" % (database, held, expected))
+    print("ok")
+
+
 if __name__ == "__main__":
     command = sys.argv[1]
     if command == "basic":
@@ -546,6 +590,8 @@ if __name__ == "__main__":
         pipelined_limits(int(sys.argv[2]))
     elif command == "slow-reader":
         slow_reader(int(sys.argv[2]))
+    elif command == "concurrent-reads":
+        concurrent_reads(int(sys.argv[2]))
     elif command == "verify":
         verify(sys.argv[2], [int(p) for p in sys.argv[3:]])
     else:
