@@ -999,12 +999,13 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         }
     }
 
-    /// Applies committed entries in order: on the loop, or, for a leader's large batch, on
-    /// `applyQueue` (and everything after it until that queue has caught up, to keep the order).
     /// A lone entry at least this large may hold several commands (a transaction, or a
     /// connection's pipelined writes): worth `willApply`.
     static var hintBytesMin: Int { 256 }
 
+    /// Applies committed entries in order: on the loop (announced to the machine first with
+    /// `willApply`, when there is more than a small one), or, for a leader's large batch, on
+    /// `applyQueue` (and everything after it until that queue has caught up, to keep the order).
     private func applyEntries(_ entries: ArraySlice<Entry>) {
         guard !entries.isEmpty else { return }
         if applying == 0 {
