@@ -60,7 +60,7 @@ struct PrefetchTests {
             let expected = number < 20_000 ? UInt64(number) : nil
             #expect(trie[KeyBytes(Self.key(number))]?.revision == expected)
         }
-        // Still shared with the copy (a hint copies no node), and writes after it copy as usual.
+        // A write after the hints leaves the copy taken before them as it was.
         trie[KeyBytes(Self.key(1))] = StoredValue(bytes: [1], expiresAt: 0, revision: 0)
         #expect(copy[KeyBytes(Self.key(1))]?.revision == 1)
     }
