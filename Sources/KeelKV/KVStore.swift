@@ -168,6 +168,11 @@ public enum KVEntry: Sendable, Equatable {
         arguments.reduce(1 + 4 + name.utf8.count + 4) { $0 + 4 + $1.count }
     }
 
+    /// Whether these bytes are (the start of) a transaction's entry: version 1, kind 2.
+    static func isTransaction(_ bytes: ArraySlice<UInt8>) -> Bool {
+        bytes.count > 9 && bytes[bytes.startIndex] == 1 && bytes[bytes.startIndex + 9] == 2
+    }
+
     /// Calls `body` with the database and first argument of each command in an entry (one, or a
     /// transaction's), read where they lie in its bytes; nothing for other entries, or malformed ones.
     static func forEachFirstArgument(_ bytes: ArraySlice<UInt8>, _ body: (Int, ArraySlice<UInt8>) -> Void) {
@@ -310,8 +315,10 @@ public final class KVStore: @unchecked Sendable {
 
     /// Starts loading into the cache the keys these entries are about to write, before they are
     /// applied in this order (see `HashTrie.prefetch`): the first argument of each command, which
-    /// is the key of every write that has one (for the few without, a harmless guess).
+    /// is the key of every write that has one (for the few without, a harmless guess). A lone
+    /// transaction is left to `apply`, which prefetches a transaction's keys itself.
     public func willApply(_ entries: [ArraySlice<UInt8>]) {
+        if entries.count == 1, KVEntry.isTransaction(entries[0]) { return }
         var keys: [(database: Int, hash: UInt64)] = []
         keys.reserveCapacity(entries.count)
         for entry in entries {

@@ -397,10 +397,9 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
 
     /// `answerLater` for one write, the commonest request: no array of replies, and one closure
     /// (the callback's context) instead of three allocations.
-    private func proposeOne(_ entry: [UInt8]) {
+    func proposeOne(_ entry: [UInt8], started: UInt64 = DispatchTime.now().uptimeNanoseconds) {
         guard let loop = context?.eventLoop else { return }
         busy = true
-        let started = DispatchTime.now().uptimeNanoseconds
         server.node.propose(entry) { result in
             let reply: Reply
             switch result {
@@ -415,7 +414,7 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
         }
     }
 
-    private func answeredOne(_ reply: Reply, started: UInt64) {
+    func answeredOne(_ reply: Reply, started: UInt64) {
         recordLatency(.write, count: 1, started: started)
         busy = false
         write(reply)
@@ -566,6 +565,11 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
             var bytes = argumentBytes(arguments)
             guard let second = nextKeyValue(now: now), second.command.isWrite,
                   case let secondBytes = argumentBytes(second.arguments), bytes + secondBytes <= Self.batchArgumentBytesMax else {
+                if bytes <= WriteBatch.argumentBytesMax, let loop = context?.eventLoop, let batch = server.writeBatches[ObjectIdentifier(loop)] {
+                    busy = true
+                    return batch.add(WriteBatch.Item(connection: self, database: database, name: name, arguments: arguments,
+                                                     started: DispatchTime.now().uptimeNanoseconds), bytes: bytes)
+                }
                 return proposeOne(KVEntry.command(database: database, name: name, arguments: arguments).encoded(now: now))
             }
             // Pipelined writes travel as one log entry (applied together, in order: a stronger
@@ -755,6 +759,94 @@ final class ReadBatch: @unchecked Sendable {
             // Not a sole voter that has applied all it committed: through the node.
             if let results { item.connection.answeredDirectly(results[index], started: item.started) } else {
                 item.connection.readThroughNode(item.reads, database: item.database)
+            }
+        }
+    }
+}
+
+/// The single writes (one command, not pipelined) that one event loop's connections parsed in one
+/// turn of the loop, proposed together once the turn has read every connection: one log entry (a
+/// transaction without watched keys, whose commands are applied in order, each with its own
+/// reply) instead of one per client, so that Raft, the log and the apply pay their per-entry
+/// costs once per turn. The writes of different clients that one turn reads are concurrent, so
+/// any order between them is linearizable; each client's own requests keep their order, as its
+/// connection waits (`busy`) until its write is answered. Touched on its loop only.
+final class WriteBatch: @unchecked Sendable {
+    // @unchecked Sendable: used on `loop` only.
+    struct Item {
+        let connection: RESPConnection
+        let database: Int
+        let name: String
+        let arguments: [[UInt8]]
+        let started: UInt64
+    }
+
+    /// A write with more bytes of arguments than this is proposed alone.
+    static let argumentBytesMax = 64 << 10
+    /// A batch is proposed once it holds this many writes or bytes of arguments.
+    static let batchCommandsMax = 1024
+    static let batchArgumentBytesMax = 1 << 20
+
+    let loop: any EventLoop
+    let node: KeelNode<KVStore>
+    private var items: [Item] = []
+    private var bytes = 0
+    private var scheduled = false
+
+    init(loop: any EventLoop, node: KeelNode<KVStore>) {
+        self.loop = loop
+        self.node = node
+    }
+
+    func add(_ item: Item, bytes: Int) {
+        if items.count >= Self.batchCommandsMax || self.bytes + bytes > Self.batchArgumentBytesMax { run() }
+        items.append(item)
+        self.bytes += bytes
+        guard !scheduled else { return }
+        scheduled = true
+        loop.execute {
+            self.scheduled = false
+            self.run()
+        }
+    }
+
+    private func run() {
+        guard !items.isEmpty else { return }
+        let batch = items
+        items.removeAll(keepingCapacity: true)
+        let size = bytes
+        bytes = 0
+        let now = KeelServer.nowMilliseconds()
+        if batch.count == 1 {
+            let item = batch[0]
+            let entry = KVEntry.command(database: item.database, name: item.name, arguments: item.arguments).encoded(now: now)
+            return item.connection.proposeOne(entry, started: item.started)
+        }
+        var writer = KVEntry.BatchWriter(now: now, capacity: size + 16 * batch.count)
+        for item in batch { writer.append(database: item.database, name: item.name, arguments: item.arguments) }
+        batch[0].connection.server.stats.withLockedValue {
+            $0.sharedWriteEntries += 1
+            $0.sharedWrites += batch.count
+        }
+        let loop = self.loop
+        node.propose(writer.finish()) { result in
+            let replies: [Reply]
+            switch result {
+            case .success(let bytes):
+                if case .array(let decoded?) = Reply(decoding: bytes), decoded.count == batch.count {
+                    replies = decoded
+                } else {
+                    replies = Array(repeating: .error("ERR keel: internal: a batch's reply did not match it"), count: batch.count)
+                }
+            case .failure(let error):
+                replies = Array(repeating: .error(RESPConnection.describe(error)), count: batch.count)
+            }
+            if loop.inEventLoop {
+                for (item, reply) in zip(batch, replies) { item.connection.answeredOne(reply, started: item.started) }
+            } else {
+                loop.execute {
+                    for (item, reply) in zip(batch, replies) { item.connection.answeredOne(reply, started: item.started) }
+                }
             }
         }
     }

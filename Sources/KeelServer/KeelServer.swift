@@ -25,6 +25,9 @@ struct ServerStats {
     var commandsProcessed = 0
     var errorReplies = 0
     var expiredKeys = 0
+    /// Log entries that carried the single writes of several clients (`WriteBatch`), and those writes.
+    var sharedWriteEntries = 0
+    var sharedWrites = 0
     var lastCheckpointUnixSeconds: Int64 = 0
     var checkpointsTaken = 0
     /// The node's checkpoint index when the sweeper last looked (nil before it first did): a
@@ -52,6 +55,8 @@ public final class KeelServer: @unchecked Sendable {
     private var httpChannel: (any Channel)?
     /// Each connection loop's direct reads of the current turn (see `ReadBatch`); set once.
     let readBatches: [ObjectIdentifier: ReadBatch]
+    /// Each connection loop's single writes of the current turn (see `WriteBatch`); set once.
+    let writeBatches: [ObjectIdentifier: WriteBatch]
     /// The HTTP port, when HTTP is on.
     public private(set) var localHTTPPort = 0
     private var sweeper: RepeatedTask?
@@ -66,8 +71,13 @@ public final class KeelServer: @unchecked Sendable {
         self.node = node
         self.logger = logger
         var batches: [ObjectIdentifier: ReadBatch] = [:]
-        for loop in group.makeIterator() { batches[ObjectIdentifier(loop)] = ReadBatch(loop: loop) }
+        var writes: [ObjectIdentifier: WriteBatch] = [:]
+        for loop in group.makeIterator() {
+            batches[ObjectIdentifier(loop)] = ReadBatch(loop: loop)
+            writes[ObjectIdentifier(loop)] = WriteBatch(loop: loop, node: node)
+        }
         readBatches = batches
+        writeBatches = writes
         // As Redis: LASTSAVE starts at the start-up time.
         stats.withLockedValue { $0.lastCheckpointUnixSeconds = Int64(Date().timeIntervalSince1970) }
     }

@@ -492,6 +492,7 @@ extension KeelServer {
             text += "keel_commit_index:\(status?.commitIndex.rawValue ?? 0)\r\nkeel_applied_index:\(status?.appliedIndex.rawValue ?? 0)\r\n"
             text += "keel_members:\(status?.members.map { "\($0.id.rawValue)\($0.isVoter ? "" : "(learner)")" }.joined(separator: ",") ?? "")\r\n"
             if let stopped = status?.stopped { text += "keel_stopped:\(stopped)\r\n" }
+            text += "keel_shared_write_entries:\(stats.sharedWriteEntries)\r\nkeel_shared_writes:\(stats.sharedWrites)\r\n"
             text += "\r\n"
         }
         return text

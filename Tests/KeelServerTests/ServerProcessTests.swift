@@ -204,6 +204,8 @@ struct ServerProcessTests {
         #expect(batches.status == 0 && batches.output.contains("ok"), "pipelined writes' limits: \(batches.output)")
         let concurrent = await runTool(which("python3"), [checks, "concurrent-reads", String(server.port)], timeout: 120)
         #expect(concurrent.status == 0 && concurrent.output.contains("ok"), "concurrent readers: \(concurrent.output)")
+        let writers = await runTool(which("python3"), [checks, "concurrent-writes", String(server.port)], timeout: 120)
+        #expect(writers.status == 0 && writers.output.contains("ok"), "concurrent writers: \(writers.output)")
         #expect(await server.cli("PING") == "PONG", "the server still serves")
         _ = await server.stop()
         // The same with connections spread over two event loops (requests hop to the node's loop:
@@ -219,6 +221,8 @@ struct ServerProcessTests {
         #expect(spreadMalformed.status == 0, "--io-threads 2, raw protocol: \(spreadMalformed.output)")
         let spreadConcurrent = await runTool(which("python3"), [checks, "concurrent-reads", String(spread.port)], timeout: 120)
         #expect(spreadConcurrent.status == 0 && spreadConcurrent.output.contains("ok"), "--io-threads 2, concurrent readers: \(spreadConcurrent.output)")
+        let spreadWriters = await runTool(which("python3"), [checks, "concurrent-writes", String(spread.port)], timeout: 120)
+        #expect(spreadWriters.status == 0 && spreadWriters.output.contains("ok"), "--io-threads 2, concurrent writers: \(spreadWriters.output)")
         _ = await spread.stop()
         let secured = ServerProcess(directory: directory + "-auth", extra: ["--requirepass", "s3cret"])
         defer { try? FileManager.default.removeItem(atPath: directory + "-auth") }

@@ -12,6 +12,7 @@ usage:
   redis_client_checks.py transaction-limits PORT    MULTI and WATCH past one log entry's size are refused
   redis_client_checks.py slow-reader PORT           a client that pipelines large GETs and MGETs and reads nothing costs bounded memory
   redis_client_checks.py concurrent-reads PORT      many connections reading at once (one turn's reads run together): each sees its own writes, in order
+  redis_client_checks.py concurrent-writes PORT     many connections writing at once (one turn's single writes share a log entry): each gets its own replies
 Exits 0 when every check passes; prints the failing check and exits 1 otherwise.
 """
 import os
@@ -566,6 +567,72 @@ def concurrent_reads(port, clients=40, rounds=150):
     print("ok")
 
 
+def concurrent_writes(port, clients=40, rounds=100):
+    """Each client sends single writes, one at a time, whose replies only it can expect, while the
+    others do the same: the single writes of many connections that one turn of the loop reads go
+    to the log as one entry, and each client must get its own reply (an error included), in its
+    order, with nothing lost or applied twice."""
+    import threading
+    failures = []
+    shared = {database: [] for database in range(3)}
+
+    def client(number):
+        try:
+            r = redis.Redis(port=port, db=number % 3, decode_responses=True)
+            r.set("cw%d:text" % number, "not a number")
+            for i in range(rounds):
+                step = number + 1
+                got = r.incrby("cw%d:count" % number, step)
+                if got != (i + 1) * step:
+                    failures.append("client %d round %d: INCRBY gave %r, not %r" % (number, i, got, (i + 1) * step))
+                    return
+                got = r.append("cw%d:log" % number, "x" * step)
+                if got != (i + 1) * step:
+                    failures.append("client %d round %d: APPEND gave %r, not %r" % (number, i, got, (i + 1) * step))
+                    return
+                got = r.set("cw%d:nx" % number, str(i), nx=True)
+                if got != (True if i == 0 else None):
+                    failures.append("client %d round %d: SET NX gave %r" % (number, i, got))
+                    return
+                got = r.set("cw%d:swap" % number, "%d-%d" % (number, i), get=True)
+                if got != ("%d-%d" % (number, i - 1) if i > 0 else None):
+                    failures.append("client %d round %d: SET GET gave %r" % (number, i, got))
+                    return
+                try:
+                    r.incr("cw%d:text" % number)
+                    failures.append("client %d round %d: INCR of a string did not fail" % (number, i))
+                    return
+                except redis.ResponseError as error:
+                    if "not an integer" not in str(error):
+                        failures.append("client %d round %d: INCR of a string gave %r" % (number, i, error))
+                        return
+                shared[number % 3].append(r.incr("cw:shared"))
+        except Exception as error:  # noqa: BLE001 (reported below)
+            failures.append("client %d: %r" % (number, error))
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    check(not failures, "; ".join(failures[:5]))
+    for database in range(3):
+        writers = sum(1 for n in range(clients) if n % 3 == database)
+        got = sorted(shared[database])
+        check(got == list(range(1, writers * rounds + 1)),
+              "database %d: the shared counter's INCRs gave each value once (%d replies, %d distinct)" % (database, len(got), len(set(got))))
+        r = redis.Redis(port=port, db=database, decode_responses=True)
+        check(int(r.get("cw:shared")) == writers * rounds, "database %d: the shared counter holds every INCR" % database)
+        for n in range(database, clients, 3):
+            check(int(r.get("cw%d:count" % n)) == rounds * (n + 1) and r.strlen("cw%d:log" % n) == rounds * (n + 1),
+                  "client %d's keys hold each of its writes once" % n)
+    info = redis.Redis(port=port, decode_responses=True).info("keel")
+    check(info["keel_shared_writes"] > info["keel_shared_write_entries"] > 0,
+          "single writes of several clients shared log entries (INFO keel: %r entries, %r writes)"
+          % (info.get("keel_shared_write_entries"), info.get("keel_shared_writes")))
+    print("ok")
+
+
 if __name__ == "__main__":
     command = sys.argv[1]
     if command == "basic":
@@ -592,6 +659,8 @@ if __name__ == "__main__":
         slow_reader(int(sys.argv[2]))
     elif command == "concurrent-reads":
         concurrent_reads(int(sys.argv[2]))
+    elif command == "concurrent-writes":
+        concurrent_writes(int(sys.argv[2]))
     elif command == "verify":
         verify(sys.argv[2], [int(p) for p in sys.argv[3:]])
     else:
