@@ -168,9 +168,12 @@ public enum KVEntry: Sendable, Equatable {
         arguments.reduce(1 + 4 + name.utf8.count + 4) { $0 + 4 + $1.count }
     }
 
+    /// Where an entry's kind lies: after its version (u8) and time (i64).
+    static let kindOffset = 9
+
     /// Whether these bytes are (the start of) a transaction's entry: version 1, kind 2.
     static func isTransaction(_ bytes: ArraySlice<UInt8>) -> Bool {
-        bytes.count > 9 && bytes[bytes.startIndex] == 1 && bytes[bytes.startIndex + 9] == 2
+        bytes.count > kindOffset && bytes[bytes.startIndex] == 1 && bytes[bytes.startIndex + kindOffset] == 2
     }
 
     /// Calls `body` with the database and first argument of each command in an entry (one, or a

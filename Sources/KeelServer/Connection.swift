@@ -5,7 +5,9 @@
 // read index for all of them); consecutive writes are proposed together (the node batches them
 // into one log write); anything else runs alone. A read waits for the writes before it, so a
 // connection always reads its own writes. Replies are written in request order and flushed when
-// the connection has nothing more to do.
+// the connection has nothing more to do. A single write (not pipelined) waits for the end of the
+// loop's turn and goes to the log with the other connections' of that turn, as one entry
+// (`WriteBatch`); a few reads likewise run together (`ReadBatch`).
 
 import DequeModule
 import Foundation
@@ -558,14 +560,17 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
         }
         if command.isWrite {
             let node = server.node
-            // A command joins the batch only if the batch's arguments stay within the bound, so a
-            // batch is never refused for its size: a command over the entry's limit goes alone
-            // and is refused alone (it used to take the writes batched with it down too).
-            func argumentBytes(_ arguments: [[UInt8]]) -> Int { arguments.reduce(0) { $0 + $1.count } }
-            var bytes = argumentBytes(arguments)
+            // A command joins the batch only if the batch's encoded commands stay within the
+            // bound (counted as the entry encodes them, 4 bytes more for every argument, so that a
+            // command of a million empty arguments counts its 4 MB), so a batch is never refused
+            // for its size: a command over the entry's limit goes alone and is refused alone (it
+            // used to take the writes batched with it down too).
+            var bytes = KVEntry.queuedCommandSize(name, arguments)
             guard let second = nextKeyValue(now: now), second.command.isWrite,
-                  case let secondBytes = argumentBytes(second.arguments), bytes + secondBytes <= Self.batchArgumentBytesMax else {
-                if bytes <= WriteBatch.argumentBytesMax, let loop = context?.eventLoop, let batch = server.writeBatches[ObjectIdentifier(loop)] {
+                  case let secondBytes = KVEntry.queuedCommandSize(second.name, second.arguments),
+                  bytes + secondBytes <= Self.batchBytesMax else {
+                // A single write: with the other connections' of this turn (`WriteBatch`).
+                if bytes <= WriteBatch.commandBytesMax, let loop = context?.eventLoop, let batch = server.writeBatches[ObjectIdentifier(loop)] {
                     busy = true
                     return batch.add(WriteBatch.Item(connection: self, database: database, name: name, arguments: arguments,
                                                      started: DispatchTime.now().uptimeNanoseconds), bytes: bytes)
@@ -574,10 +579,9 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
             }
             // Pipelined writes travel as one log entry (applied together, in order: a stronger
             // guarantee than Redis gives them, at a fraction of the cost per command), written as
-            // they are taken: up to 1,024 commands, and 1 MiB of arguments.
-            let firstSize = KVEntry.queuedCommandSize(name, arguments)
-            var writer = KVEntry.BatchWriter(now: now, capacity: min(firstSize * min(pending.count + 1, Self.batchCommandsMax),
-                                                                     Self.batchArgumentBytesMax))
+            // they are taken: up to 1,024 commands, and 1 MiB of encoded commands.
+            var writer = KVEntry.BatchWriter(now: now, capacity: min(bytes * min(pending.count + 1, Self.batchCommandsMax),
+                                                                     Self.batchBytesMax))
             writer.append(database: database, name: name, arguments: arguments)
             var next: (name: String, arguments: [[UInt8]], command: KVCommand)? = second
             var nextBytes = secondBytes
@@ -587,8 +591,8 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
                 processed += 1
                 writer.append(database: database, name: taken.name, arguments: taken.arguments)
                 guard writer.count < Self.batchCommandsMax, let following = nextKeyValue(now: now), following.command.isWrite,
-                      case let followingBytes = argumentBytes(following.arguments),
-                      bytes + followingBytes <= Self.batchArgumentBytesMax else { break }
+                      case let followingBytes = KVEntry.queuedCommandSize(following.name, following.arguments),
+                      bytes + followingBytes <= Self.batchBytesMax else { break }
                 next = following
                 nextBytes = followingBytes
             }
@@ -672,10 +676,11 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
         }
     }
 
-    /// A batch of pipelined writes (one log entry) takes at most this many commands, with at most
-    /// the second's bytes of arguments (well under the entry's limit, `commandSizeMax`).
+    /// A batch of writes (one log entry: a connection's pipelined writes, or one turn's single
+    /// writes, `WriteBatch`) takes at most this many commands, and at most the second's bytes of
+    /// encoded commands (`KVEntry.queuedCommandSize`; well under the entry's limit, `commandSizeMax`).
     static let batchCommandsMax = 1024
-    static let batchArgumentBytesMax = 1 << 20
+    static let batchBytesMax = 1 << 20
 
     /// The next pending request if it is a key-value command that parses (for grouping).
     private func nextKeyValue(now: Int64) -> (name: String, arguments: [[UInt8]], command: KVCommand)? {
@@ -781,11 +786,10 @@ final class WriteBatch: @unchecked Sendable {
         let started: UInt64
     }
 
-    /// A write with more bytes of arguments than this is proposed alone.
-    static let argumentBytesMax = 64 << 10
-    /// A batch is proposed once it holds this many writes or bytes of arguments.
-    static let batchCommandsMax = 1024
-    static let batchArgumentBytesMax = 1 << 20
+    /// A write whose encoded command (`KVEntry.queuedCommandSize`) is larger than this is
+    /// proposed alone. A batch holds at most `RESPConnection.batchCommandsMax` writes and
+    /// `RESPConnection.batchBytesMax` bytes of them.
+    static let commandBytesMax = 64 << 10
 
     let loop: any EventLoop
     let node: KeelNode<KVStore>
@@ -798,8 +802,11 @@ final class WriteBatch: @unchecked Sendable {
         self.node = node
     }
 
+    /// `bytes`: the write's encoded command (`KVEntry.queuedCommandSize`).
     func add(_ item: Item, bytes: Int) {
-        if items.count >= Self.batchCommandsMax || self.bytes + bytes > Self.batchArgumentBytesMax { run() }
+        // (A proposal refused at once answers inside `run`, and the connections it answers may
+        // add again meanwhile: hence a loop.)
+        while !items.isEmpty, items.count >= RESPConnection.batchCommandsMax || self.bytes + bytes > RESPConnection.batchBytesMax { run() }
         items.append(item)
         self.bytes += bytes
         guard !scheduled else { return }
@@ -822,17 +829,18 @@ final class WriteBatch: @unchecked Sendable {
             let entry = KVEntry.command(database: item.database, name: item.name, arguments: item.arguments).encoded(now: now)
             return item.connection.proposeOne(entry, started: item.started)
         }
-        var writer = KVEntry.BatchWriter(now: now, capacity: size + 16 * batch.count)
+        var writer = KVEntry.BatchWriter(now: now, capacity: size)
         for item in batch { writer.append(database: item.database, name: item.name, arguments: item.arguments) }
-        batch[0].connection.server.stats.withLockedValue {
-            $0.sharedWriteEntries += 1
-            $0.sharedWrites += batch.count
-        }
         let loop = self.loop
+        let server = batch[0].connection.server
         node.propose(writer.finish()) { result in
             let replies: [Reply]
             switch result {
             case .success(let bytes):
+                server.stats.withLockedValue {
+                    $0.sharedWriteEntries += 1
+                    $0.sharedWrites += batch.count
+                }
                 if case .array(let decoded?) = Reply(decoding: bytes), decoded.count == batch.count {
                     replies = decoded
                 } else {
