@@ -508,12 +508,16 @@ public final class KeelNode<Machine: StateMachine>: @unchecked Sendable {
         // one batch (one AppendEntries per follower) when the next Ready is taken. With no write
         // in flight, the Ready is taken once this turn of the loop has read every connection
         // (group commit: the other requests of the same turn share the write and its fsync,
-        // instead of waiting a whole write behind the first).
+        // instead of waiting a whole write behind the first), and has run the tasks those reads
+        // queued (a server's batch of one turn's single writes proposes from such a task): the
+        // task that takes it queues itself once more, behind them.
         if !persisting, !processScheduled {
             processScheduled = true
             loop.execute {
-                self.processScheduled = false
-                self.process()
+                self.loop.execute {
+                    self.processScheduled = false
+                    self.process()
+                }
             }
         }
     }
