@@ -25,12 +25,15 @@ final class TestMachine: StateMachine, @unchecked Sendable {
     /// Announced commands in all, and commands applied other than the next one announced.
     var announcedCount = 0
     var appliedUnannounced = 0
+    /// Every batch `willApply` announced, in order.
+    var announcedBatches: [[String]] = []
 
     func willApply(_ commands: [ArraySlice<UInt8>]) {
         // Every announced command comes next, in order: none may be pending from an earlier call.
         if !announced.isEmpty { appliedUnannounced += announced.count }
         announced = commands.map { String(decoding: $0, as: UTF8.self) }
         announcedCount += commands.count
+        announcedBatches.append(announced)
     }
 
     func apply(_ command: [UInt8]) -> [UInt8] {

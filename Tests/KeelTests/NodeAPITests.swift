@@ -441,6 +441,28 @@ extension NodeAPITests {
         try await group.shutdownGracefully()
     }
 
+    @Test("a proposal made from a task, and one made from a task that task queued, share one write: the node takes its Ready behind the tasks queued in the same turn (the writer thread syncing, or the loop)",
+          arguments: [false, true])
+    func proposalsOfOneTurnShareAWrite(syncOnLoop: Bool) async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let base = NSTemporaryDirectory() + "keel-one-turn-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        let members = try await freshMembers(1, group: group)
+        let node = try await start(1...1, base, members: members, group: group) { $0.syncOnLoop = syncOnLoop }[0]
+        try await commit("set warm 0", via: [node])
+        // As keel serve does: a connection's pipelined writes proposed while the loop reads, and
+        // the turn's single writes proposed from a task the reads queued.
+        try await node.eventLoop.submit {
+            node.propose(Array("set a 1".utf8)) { _ in }
+            node.eventLoop.execute { node.propose(Array("set b 2".utf8)) { _ in } }
+        }.get()
+        #expect(try await eventually { try await node.read(consistency: .local) { $0.values["b"] } == "2" })
+        let batches = try await node.read(consistency: .local) { $0.announcedBatches }
+        #expect(batches.contains { $0 == ["set a 1", "set b 2"] }, "both were committed and applied as one batch: \(batches)")
+        await node.shutdown()
+        try await group.shutdownGracefully()
+    }
+
     @Test("a leader whose checkpoint rotted on disk writes a fresh one instead of sending it; the follower catches up")
     func damagedLeaderCheckpoint() async throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
