@@ -55,9 +55,9 @@ extension KeelServer {
         metric("keel_connections_received_total", "counter", "Client connections accepted.", [("", Double(stats.connectionsReceived))])
         metric("keel_connected_clients", "gauge", "Client connections open.", [("", Double(clients))])
         metric("keel_expired_keys_total", "counter", "Keys deleted through the log because they expired.", [("", Double(stats.expiredKeys))])
-        metric("keel_shared_write_entries_total", "counter", "Log entries that carried the single writes of several clients together.",
+        metric("keel_shared_write_entries_total", "counter", "Log entries applied that carried the single writes of several clients together.",
                [("", Double(stats.sharedWriteEntries))])
-        metric("keel_shared_writes_total", "counter", "Single writes proposed in an entry shared with other clients' writes.",
+        metric("keel_shared_writes_total", "counter", "Single writes applied in an entry shared with other clients' writes.",
                [("", Double(stats.sharedWrites))])
         text += "# HELP keel_command_duration_seconds Time from a key-value command's arrival to its reply.\n"
         text += "# TYPE keel_command_duration_seconds histogram\n"

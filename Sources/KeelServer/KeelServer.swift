@@ -25,7 +25,7 @@ struct ServerStats {
     var commandsProcessed = 0
     var errorReplies = 0
     var expiredKeys = 0
-    /// Log entries that carried the single writes of several clients (`WriteBatch`), and those writes.
+    /// Log entries applied that carried the single writes of several clients (`WriteBatch`), and those writes.
     var sharedWriteEntries = 0
     var sharedWrites = 0
     var lastCheckpointUnixSeconds: Int64 = 0
