@@ -533,11 +533,22 @@ def held_replies(r, port, data, expected, count, closed=False):
     return s
 
 
+def run_clients(client, clients, failures):
+    """Runs client(0) … client(clients - 1) at once, each on a thread of its own, and checks that
+    none of them recorded a failure."""
+    import threading
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    check(not failures, "; ".join(failures[:5]))
+
+
 def concurrent_reads(port, clients=40, rounds=150):
     """Each client writes its own keys in its database and reads them back at once, alone and in
     small pipelined groups, while the others do the same: the reads of many connections are
     answered together (one turn of the loop), and each must get its own replies, in its order."""
-    import threading
     failures = []
 
     def client(number):
@@ -561,12 +572,7 @@ def concurrent_reads(port, clients=40, rounds=150):
         except Exception as error:  # noqa: BLE001 (reported below)
             failures.append("client %d: %r" % (number, error))
 
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    check(not failures, "; ".join(failures[:5]))
+    run_clients(client, clients, failures)
     # Each database holds exactly its clients' keys.
     for database in range(3):
         r = redis.Redis(port=port, db=database, decode_responses=True)
@@ -581,7 +587,6 @@ def concurrent_writes(port, clients=40, rounds=100):
     others do the same: the single writes of many connections that one turn of the loop reads go
     to the log as one entry, and each client must get its own reply (an error included), in its
     order, with nothing lost or applied twice."""
-    import threading
     failures = []
     shared = {database: [] for database in range(3)}
     before = redis.Redis(port=port, decode_responses=True).info("keel")
@@ -621,12 +626,7 @@ def concurrent_writes(port, clients=40, rounds=100):
         except Exception as error:  # noqa: BLE001 (reported below)
             failures.append("client %d: %r" % (number, error))
 
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    check(not failures, "; ".join(failures[:5]))
+    run_clients(client, clients, failures)
     for database in range(3):
         writers = sum(1 for n in range(clients) if n % 3 == database)
         got = sorted(shared[database])
