@@ -152,6 +152,7 @@ let package = Package(
                 "KeelTorture",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
             ],
             exclude: ["python"],
             swiftSettings: strict
