@@ -79,6 +79,8 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
     /// context a side table, and NIO retains and releases it many times per request).
     @exclusivity(unchecked) private var context: ChannelHandlerContext?
     @exclusivity(unchecked) private var address = "?"
+    /// The batch of the connection's loop (`WriteBatch`).
+    @exclusivity(unchecked) private var writeBatch: WriteBatch?
 
     /// Decodes the bytes as they arrive, here rather than in a handler of its own: no pipeline
     /// step per request.
@@ -101,6 +103,7 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
         address = context.remoteAddress.map { "\($0.ipAddress ?? "?"):\($0.port ?? 0)" } ?? "?"
         // With --timeout, writes must pass the idle handler, which counts them as activity.
         if server.configuration.timeout == 0 { descriptor = Self.socketDescriptor(of: context.channel) }
+        writeBatch = server.writeBatches[ObjectIdentifier(context.eventLoop)]
         let admitted = server.clients.withLockedValue { clients -> Bool in
             guard clients.count < server.configuration.maxClients else { return false }
             clients[id] = ClientInfo(id: id, address: address, name: "", database: 0, connectedAt: Date(), lastCommand: "NULL", protocolVersion: 2)
@@ -496,8 +499,9 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
         }
     }
 
-    func answeredOne(_ reply: Reply, started: UInt64) {
-        recordLatency(.write, count: 1, started: started)
+    /// `started`: nil when the caller recorded the latency.
+    func answeredOne(_ reply: Reply, started: UInt64?) {
+        if let started { recordLatency(.write, count: 1, started: started) }
         busy = false
         write(reply)
         pump()
@@ -650,7 +654,7 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
                   case let secondBytes = KVEntry.queuedCommandSize(second.name, second.arguments),
                   bytes + secondBytes <= Self.batchBytesMax else {
                 // A single write: with the other connections' of this turn (`WriteBatch`).
-                if bytes <= WriteBatch.commandBytesMax, let loop = context?.eventLoop, let batch = server.writeBatches[ObjectIdentifier(loop)] {
+                if bytes <= WriteBatch.commandBytesMax, context != nil, let batch = writeBatch {
                     busy = true
                     return batch.add(WriteBatch.Item(connection: self, database: database, name: name, arguments: arguments,
                                                      started: DispatchTime.now().uptimeNanoseconds), bytes: bytes)
@@ -930,12 +934,19 @@ final class WriteBatch: @unchecked Sendable {
                 replies = Array(repeating: .error(RESPConnection.describe(error)), count: batch.count)
             }
             if loop.inEventLoop {
-                for (item, reply) in zip(batch, replies) { item.connection.answeredOne(reply, started: item.started) }
+                Self.answer(batch, replies, server: server)
             } else {
-                loop.execute {
-                    for (item, reply) in zip(batch, replies) { item.connection.answeredOne(reply, started: item.started) }
-                }
+                loop.execute { Self.answer(batch, replies, server: server) }
             }
         }
+    }
+
+    /// Answers each write of a batch, their latencies recorded under one lock.
+    private static func answer(_ batch: [Item], _ replies: [Reply], server: KeelServer) {
+        let now = DispatchTime.now().uptimeNanoseconds
+        server.stats.withLockedValue { stats in
+            for item in batch { stats.writeLatency.record(Double(now &- item.started) / 1e9) }
+        }
+        for (item, reply) in zip(batch, replies) { item.connection.answeredOne(reply, started: nil) }
     }
 }
