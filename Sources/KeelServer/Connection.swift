@@ -101,8 +101,6 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
     func channelActive(context: ChannelHandlerContext) {
         self.context = context
         address = context.remoteAddress.map { "\($0.ipAddress ?? "?"):\($0.port ?? 0)" } ?? "?"
-        // With --timeout, writes must pass the idle handler, which counts them as activity.
-        if server.configuration.timeout == 0 { descriptor = Self.socketDescriptor(of: context.channel) }
         writeBatch = server.writeBatches[ObjectIdentifier(context.eventLoop)]
         let admitted = server.clients.withLockedValue { clients -> Bool in
             guard clients.count < server.configuration.maxClients else { return false }
@@ -119,6 +117,9 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
             let channel = context.channel
             channel.writeAndFlush(buffer).whenComplete { _ in channel.close(promise: nil) }
             closing = true
+        } else if (try? context.pipeline.syncOperations.handler(type: IdleStateHandler.self)) == nil {
+            // (With --timeout, replies must pass the idle handler, which counts them as activity.)
+            descriptor = Self.socketDescriptor(of: context.channel)
         }
         context.fireChannelActive()
     }
@@ -365,15 +366,16 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
 
     // A reply written through the channel costs about 1.5 µs of the loop's CPU in NIO (the
     // pipeline, the pending-writes queue and its bookkeeping), the largest single cost of a SET
-    // sent one at a time. When the channel holds nothing unwritten, the reply goes to the socket
-    // with one send(2) instead; whatever the socket does not take goes to the channel, and
-    // replies after it follow it there until the channel has written them (its promises complete
-    // in order), so the bytes keep their order. `isActive` turns false before any code of ours
-    // runs after NIO closes the descriptor, so a descriptor number reused by a later connection
-    // is never written. NIO has no public way to name an accepted socket's descriptor: it is
-    // read once per connection by reflection and checked against the channel's addresses; if
-    // NIO's layout changes, nothing is found and every write goes through the channel
-    // (DirectWriteTests notices).
+    // sent one at a time. When the channel holds nothing of ours unwritten, the reply goes to the
+    // socket with one send(2) instead; whatever the socket does not take goes to the channel, and
+    // replies after it follow it there until the channel has written all it was given (each
+    // write's promise completes once its bytes are out), so the bytes keep their order. The
+    // writes that close the connection go through the channel too. `isActive` turns false before
+    // any code of ours runs after NIO closes the descriptor, so a descriptor number reused by a
+    // later connection is never written. NIO has no public way to name an accepted socket's
+    // descriptor: it is read once per connection by reflection and checked against the
+    // channel's addresses; if NIO's layout changes, nothing is found and every write goes
+    // through the channel (DirectWriteTests notices).
 
     /// The socket's descriptor, or -1: replies go through the channel only.
     @exclusivity(unchecked) private var descriptor: CInt = -1
@@ -434,6 +436,8 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
     private func close() {
         guard let context else { return }
         closeWhenWritten = false
+        // The last bytes go through the channel, and nothing may overtake them.
+        descriptor = -1
         let channel = context.channel
         if let buffer = output {
             output = nil

@@ -37,22 +37,30 @@ struct DirectWriteTests {
                 return channel.pipeline.addHandler(Finder(found: promises[index]))
             }
             .bind(host: "127.0.0.1", port: 0).get()
-        let port = try #require(server.localAddress?.port)
-        // Two clients: each connection's descriptor must reach its own client.
-        var clients: [FileHandle] = []
-        for (index, promise) in promises.enumerated() {
-            let client = try connect(port: port)
-            clients.append(client)
-            let descriptor = try await promise.futureResult.get()
-            try #require(descriptor >= 0, "connection \(index): no descriptor found")
-            let message = Array("hello \(index)\n".utf8)
-            let sent = try await loop.submit { send(descriptor, message, message.count, Int32(MSG_NOSIGNAL)) }.get()
-            try #require(sent == message.count)
-            #expect(try client.read(upToCount: message.count).map(Array.init) == message)
+        // Closed whatever happens (a failed `#require` throws).
+        var clients: [CInt] = []
+        let outcome: Result<Void, any Error>
+        do {
+            let port = try #require(server.localAddress?.port)
+            // Two clients: each connection's descriptor must reach its own client.
+            for (index, promise) in promises.enumerated() {
+                let client = try connect(port: port)
+                clients.append(client)
+                let descriptor = try await promise.futureResult.get()
+                try #require(descriptor >= 0, "connection \(index): no descriptor found")
+                let message = Array("hello \(index)\n".utf8)
+                let sent = try await loop.submit { send(descriptor, message, message.count, Int32(MSG_NOSIGNAL)) }.get()
+                try #require(sent == message.count)
+                #expect(receive(client, count: message.count) == message, "connection \(index): its client did not get the bytes")
+            }
+            outcome = .success(())
+        } catch {
+            outcome = .failure(error)
         }
-        for client in clients { try client.close() }
-        try await server.close()
-        try await group.shutdownGracefully()
+        for client in clients { Foundation.close(client) }
+        try? await server.close()
+        try? await group.shutdownGracefully()
+        try outcome.get()
     }
 
     @Test("a channel without a socket has no descriptor")
@@ -62,8 +70,12 @@ struct DirectWriteTests {
         _ = try channel.finish()
     }
 
-    func connect(port: Int) throws -> FileHandle {
+    /// A client socket connected to the port, whose reads give up after 10 seconds.
+    func connect(port: Int) throws -> CInt {
         let descriptor = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        try #require(descriptor >= 0)
+        var limit = timeval(tv_sec: 10, tv_usec: 0)
+        setsockopt(descriptor, SOL_SOCKET, SO_RCVTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
         var address = sockaddr_in()
         address.sin_family = sa_family_t(AF_INET)
         address.sin_port = in_port_t(UInt16(port).bigEndian)
@@ -73,7 +85,20 @@ struct DirectWriteTests {
                 Foundation.connect(descriptor, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
             }
         }
+        if result != 0 { Foundation.close(descriptor) }
         try #require(result == 0)
-        return FileHandle(fileDescriptor: descriptor, closeOnDealloc: true)
+        return descriptor
+    }
+
+    /// Up to `count` bytes, fewer if the socket closes or nothing comes for 10 seconds.
+    func receive(_ descriptor: CInt, count: Int) -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: count)
+        var received = 0
+        while received < count {
+            let read = bytes.withUnsafeMutableBytes { recv(descriptor, $0.baseAddress! + received, count - received, 0) }
+            if read <= 0 { break }
+            received += read
+        }
+        return Array(bytes[..<received])
     }
 }

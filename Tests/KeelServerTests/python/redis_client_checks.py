@@ -10,12 +10,13 @@ usage:
   redis_client_checks.py verify FILE PORT...        every acknowledged key (numbers in FILE) is present, read linearizably
   redis_client_checks.py http PORT HTTPPORT         /health, /metrics (Prometheus text format), the status page, 404
   redis_client_checks.py transaction-limits PORT    MULTI and WATCH past one log entry's size are refused
-  redis_client_checks.py slow-reader PORT           a client that pipelines large GETs and MGETs and reads nothing costs bounded memory
+  redis_client_checks.py slow-reader PORT           a client that pipelines large GETs and MGETs and reads nothing costs bounded memory, and gets every reply, in order
   redis_client_checks.py concurrent-reads PORT      many connections reading at once (one turn's reads run together): each sees its own writes, in order
   redis_client_checks.py concurrent-writes PORT     many connections writing at once (one turn's single writes share a log entry): each gets its own replies
 Exits 0 when every check passes; prints the failing check and exits 1 otherwise.
 """
 import os
+import random
 import socket
 import sys
 import time
@@ -458,7 +459,7 @@ def transaction_edge(r, watch):
 def slow_reader(port):
     """A client that pipelines large replies and reads nothing costs the server bounded memory
     (GETs of a 1 MiB value; MGETs of 256 MiB each, which must be held back mid-array); the
-    replies all arrive once it reads, other clients are served meanwhile, and a QUIT behind held
+    replies all arrive, in order, once it reads, other clients are served meanwhile, and a QUIT behind held
     replies closes the connection only once they are written."""
     r = redis.Redis(port=port, socket_timeout=30)
     value = os.urandom(1 << 20)
@@ -475,6 +476,19 @@ def slow_reader(port):
     reply = [(b"*%d\r\n" % keys, 1), (one, keys)]
     s = held_replies(r, port, mget * 3 + b"QUIT\r\n", reply * 3 + [(b"+OK\r\n", 1)], 3, closed=True)
     s.close()
+    # Distinct replies: above, every GET answers the same bytes, so a whole reply that overtook
+    # another (one sent straight to the socket ahead of one the channel still holds) would pass.
+    # 64 values of 256 KiB, each fetched 8 times in a shuffled order.
+    values = [os.urandom(256 << 10) for _ in range(64)]
+    for number, value in enumerate(values):
+        r.set("distinct:%d" % number, value)
+    order = [number for _ in range(8) for number in range(64)]
+    random.Random(7).shuffle(order)
+    gets = b"".join(b"*2\r\n$3\r\nGET\r\n$%d\r\ndistinct:%d\r\n" % (len("distinct:%d" % number), number) for number in order)
+    expected = [(b"$%d\r\n" % len(values[number]) + values[number] + b"\r\n", 1) for number in order]
+    s = held_replies(r, port, gets, expected, len(order))
+    s.close()
+    r.delete(*["distinct:%d" % number for number in range(64)])
     print("ok", flush=True)
 
 
