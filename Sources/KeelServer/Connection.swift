@@ -344,7 +344,7 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
         if buffer.capacity <= Self.spareCapacityMax { spare = buffer }
         if descriptor >= 0, channelWrites == 0, context.channel.isActive {
             let written = buffer.withUnsafeReadableBytes { bytes in
-                send(descriptor, bytes.baseAddress, bytes.count, Int32(MSG_NOSIGNAL))
+                send(descriptor, bytes.baseAddress, bytes.count, Self.sendFlags)
             }
             if written == buffer.readableBytes { return }
             // The rest (all of it after EAGAIN or an error, which the channel then meets and
@@ -381,6 +381,13 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
     @exclusivity(unchecked) private var descriptor: CInt = -1
     /// Writes handed to the channel and not yet complete.
     @exclusivity(unchecked) private var channelWrites = 0
+    #if canImport(Glibc)
+    /// A peer gone: EPIPE, not SIGPIPE.
+    static let sendFlags = Int32(MSG_NOSIGNAL)
+    #else
+    /// (NIO turns SIGPIPE off on Darwin's sockets: F_SETNOSIGPIPE.)
+    static let sendFlags: Int32 = 0
+    #endif
 
     /// The descriptor of a connected TCP channel's socket, if found and its local and remote
     /// ports are the channel's; else -1.

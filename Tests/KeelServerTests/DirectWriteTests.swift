@@ -49,7 +49,7 @@ struct DirectWriteTests {
                 let descriptor = try await promise.futureResult.get()
                 try #require(descriptor >= 0, "connection \(index): no descriptor found")
                 let message = Array("hello \(index)\n".utf8)
-                let sent = try await loop.submit { send(descriptor, message, message.count, Int32(MSG_NOSIGNAL)) }.get()
+                let sent = try await loop.submit { send(descriptor, message, message.count, RESPConnection.sendFlags) }.get()
                 try #require(sent == message.count)
                 #expect(receive(client, count: message.count) == message, "connection \(index): its client did not get the bytes")
             }
@@ -72,7 +72,11 @@ struct DirectWriteTests {
 
     /// A client socket connected to the port, whose reads give up after 10 seconds.
     func connect(port: Int) throws -> CInt {
+        #if canImport(Glibc)
         let descriptor = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        #else
+        let descriptor = socket(AF_INET, SOCK_STREAM, 0)
+        #endif
         try #require(descriptor >= 0)
         var limit = timeval(tv_sec: 10, tv_usec: 0)
         setsockopt(descriptor, SOL_SOCKET, SO_RCVTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
