@@ -130,6 +130,7 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
 
     func channelInactive(context: ChannelHandlerContext) {
         server.clients.withLockedValue { $0[id] = nil }
+        publishCounters()
         closing = true
         pending.removeAll()
         unsent.removeAll()
@@ -262,14 +263,18 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
 
     /// Adds this connection's counts to the server's (INFO, /metrics).
     func publishCounters() {
-        guard processed > 0 || errors > 0 else { return }
-        let (count, failed) = (processed, errors)
+        guard processed > 0 || errors > 0 || sentDirectly > 0 || sentThroughChannel > 0 else { return }
+        let (count, failed, direct, through) = (processed, errors, sentDirectly, sentThroughChannel)
         server.stats.withLockedValue {
             $0.commandsProcessed += count
             $0.errorReplies += failed
+            $0.directWrites += direct
+            $0.channelWrites += through
         }
         processed = 0
         errors = 0
+        sentDirectly = 0
+        sentThroughChannel = 0
     }
 
     /// Puts this connection's last command where CLIENT LIST and INFO read it.
@@ -346,7 +351,10 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
             let written = buffer.withUnsafeReadableBytes { bytes in
                 send(descriptor, bytes.baseAddress, bytes.count, Self.sendFlags)
             }
-            if written == buffer.readableBytes { return }
+            if written == buffer.readableBytes {
+                sentDirectly += 1
+                return
+            }
             // The rest (all of it after EAGAIN or an error, which the channel then meets and
             // handles as its own) goes through the channel, and so does everything after it
             // until the channel has written it.
@@ -359,6 +367,7 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
         } else {
             context.writeAndFlush(wrapOutboundOut(buffer), promise: nil)
         }
+        sentThroughChannel += 1
         if !context.channel.isWritable { awaitingWritable = true }
     }
 
@@ -381,6 +390,10 @@ final class RESPConnection: ChannelInboundHandler, @unchecked Sendable {
     @exclusivity(unchecked) private var descriptor: CInt = -1
     /// Writes handed to the channel and not yet complete.
     @exclusivity(unchecked) private var channelWrites = 0
+    /// Flushes sent straight to the socket, and handed to the channel (part or all), since the
+    /// counters were last published (INFO keel, /metrics).
+    @exclusivity(unchecked) private var sentDirectly = 0
+    @exclusivity(unchecked) private var sentThroughChannel = 0
     #if canImport(Glibc)
     /// A peer gone: EPIPE, not SIGPIPE.
     static let sendFlags = Int32(MSG_NOSIGNAL)

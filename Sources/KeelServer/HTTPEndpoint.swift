@@ -59,6 +59,8 @@ extension KeelServer {
                [("", Double(stats.sharedWriteEntries))])
         metric("keel_shared_writes_total", "counter", "Single writes applied in an entry shared with other clients' writes.",
                [("", Double(stats.sharedWrites))])
+        metric("keel_direct_writes_total", "counter", "Writes of replies sent straight to a client's socket.", [("", Double(stats.directWrites))])
+        metric("keel_channel_writes_total", "counter", "Writes of replies handed to a client's channel (NIO).", [("", Double(stats.channelWrites))])
         text += "# HELP keel_command_duration_seconds Time from a key-value command's arrival to its reply.\n"
         text += "# TYPE keel_command_duration_seconds histogram\n"
         for (kind, histogram) in [("write", stats.writeLatency), ("read", stats.readLatency)] {

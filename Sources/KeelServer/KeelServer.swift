@@ -28,6 +28,9 @@ struct ServerStats {
     /// Log entries applied that carried the single writes of several clients (`WriteBatch`), and those writes.
     var sharedWriteEntries = 0
     var sharedWrites = 0
+    /// Flushes of replies sent straight to the socket, and handed to the channel (`RESPConnection.flush`).
+    var directWrites = 0
+    var channelWrites = 0
     var lastCheckpointUnixSeconds: Int64 = 0
     var checkpointsTaken = 0
     /// The node's checkpoint index when the sweeper last looked (nil before it first did): a

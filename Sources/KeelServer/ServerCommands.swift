@@ -493,6 +493,7 @@ extension KeelServer {
             text += "keel_members:\(status?.members.map { "\($0.id.rawValue)\($0.isVoter ? "" : "(learner)")" }.joined(separator: ",") ?? "")\r\n"
             if let stopped = status?.stopped { text += "keel_stopped:\(stopped)\r\n" }
             text += "keel_shared_write_entries:\(stats.sharedWriteEntries)\r\nkeel_shared_writes:\(stats.sharedWrites)\r\n"
+            text += "keel_direct_writes:\(stats.directWrites)\r\nkeel_channel_writes:\(stats.channelWrites)\r\n"
             text += "\r\n"
         }
         return text

@@ -298,6 +298,15 @@ struct ServerProcessTests {
         #expect(result.output.contains("keepalive\n"), "\(result.output)")
         #expect(result.output.contains("quiet closed"), "\(result.output)")
         #expect(result.output.contains("busy open"), "\(result.output)")
+        // Replies pass the idle handler (it counts them as activity): none is sent straight to a socket.
+        let info = await server.cli("INFO", "keel")
+        let counters = Dictionary(info.split(whereSeparator: \.isNewline).compactMap { line -> (String, Int)? in
+            let parts = line.split(separator: ":")
+            guard parts.count == 2, let value = Int(parts[1].trimmingCharacters(in: .whitespaces)) else { return nil }
+            return (String(parts[0]), value)
+        }, uniquingKeysWith: { first, _ in first })
+        #expect(counters["keel_direct_writes"] == 0, "\(info)")
+        #expect((counters["keel_channel_writes"] ?? 0) > 0, "\(info)")
         _ = await server.stop()
 
         // The defaults: no idle timeout, keepalive 300 s; --tcp-keepalive 0 turns it off.

@@ -655,6 +655,8 @@ def concurrent_writes(port, clients=40, rounds=100):
     entries = after["keel_shared_write_entries"] - before["keel_shared_write_entries"]
     writes = after["keel_shared_writes"] - before["keel_shared_writes"]
     check(writes > entries > 0, "these clients' single writes shared log entries (INFO keel: %d entries, %d writes)" % (entries, writes))
+    direct = after["keel_direct_writes"] - before["keel_direct_writes"]
+    check(direct > 0, "replies went straight to the sockets (INFO keel: %d direct writes)" % direct)
     print("ok")
 
 
